@@ -1,0 +1,45 @@
+"""Checkpoints: written atomically, read with weights_only=True, checked before use."""
+import pickle
+from pathlib import Path
+
+import torch
+
+from lmkit.errors import UserError
+from lmkit.files import atomic_write
+
+REQUIRED_KEYS = ("kind", "model_config", "model", "step", "meta")
+SIBLINGS = {"last.pt": "best.pt", "best.pt": "last.pt"}
+
+
+def save_checkpoint(path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _sibling_hint(path: Path) -> str:
+    other = path.with_name(SIBLINGS.get(path.name, "last.pt"))
+    if other != path and other.is_file():
+        return f"; {other} also exists and may be intact"
+    return ""
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint as plain tensors and containers; refuse anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"refused to load {path}: it holds Python objects that would run "
+                            f"code when unpickled, which no checkpoint of this project does; "
+                            f"only load files you trust{_sibling_hint(path)}") from None
+        raise UserError(f"{path} is not a readable checkpoint (damaged or truncated)"
+                        f"{_sibling_hint(path)}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError) as e:
+        raise UserError(f"{path} is not a readable checkpoint (damaged, truncated or not a "
+                        f"PyTorch file){_sibling_hint(path)}") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise UserError(f"{path} is a PyTorch file but not a checkpoint of this project"
+                        f"{_sibling_hint(path)}")
+    return state

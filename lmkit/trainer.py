@@ -1,0 +1,413 @@
+"""The training loop both models share: data, accumulation, schedule, eval, checkpoints, plots.
+
+A train.py script describes its model with a ModelSpec and calls main(); everything else
+(devices, torchrun, resume, metrics, the loss plot and the final sample) happens here.
+"""
+import csv
+import io
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from lmkit import device as dev
+from lmkit.checkpoint import load_checkpoint, save_checkpoint
+from lmkit.config import PER_INVOCATION, parse_config
+from lmkit.data import BatchSampler, eval_windows, load_meta, load_split, window_batches
+from lmkit.errors import UserError
+from lmkit.files import atomic_write_text, ensure_writable_dirs
+from lmkit.generate import generate
+from lmkit.plotting import plot_losses
+from lmkit.schedule import lr_at
+from lmkit.tokenizers import tokenizer_from_meta
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METRIC_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen", "elapsed_s",
+                 "tokens_per_s")
+
+
+@dataclass
+class ModelSpec:
+    """What the shared loop needs to know about one model family."""
+    kind: str             # "bigram" or "gpt": also the default run name
+    tokenizer: str        # which prepared data the model reads: "char" or "gpt2"
+    model_cls: type
+    config_cls: type      # the model's config dataclass
+    pad_vocab_to: int = 1  # round the tokenizer's vocabulary up to a multiple of this
+
+    def model_config(self, cfg, vocab_size: int):
+        vocab = -(-vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+        values = {f.name: getattr(cfg, f.name) for f in fields(self.config_cls) if hasattr(cfg, f.name)}
+        return self.config_cls(**{**values, "vocab_size": vocab})
+
+
+@dataclass
+class RunPaths:
+    checkpoints: Path
+    plots: Path
+    samples: Path
+
+    @classmethod
+    def for_run(cls, out_dir: Path, run: str) -> "RunPaths":
+        return cls(out_dir / "checkpoints" / run, out_dir / "plots" / run, out_dir / "samples" / run)
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.checkpoints / "metrics.csv"
+
+    @property
+    def plot(self) -> Path:
+        return self.plots / "loss_plot.png"
+
+
+class StopRequest:
+    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def make_optimizer(model, cfg, device) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
+
+
+def resolve_config(cfg, explicit: dict, saved: dict):
+    """On --resume, flags the user left out take the checkpoint's values."""
+    values = {k: v for k, v in saved.items() if k not in PER_INVOCATION}
+    values.update(explicit)
+    values["resume"] = True
+    return type(cfg)(**{k: v for k, v in values.items() if k in cfg.to_dict()})
+
+
+def check_compatible(state: dict, spec: ModelSpec, model_config, meta: dict, path: Path) -> None:
+    diffs = []
+    if state["kind"] != spec.kind:
+        diffs.append(f"model kind {state['kind']} -> {spec.kind}")
+    if state["meta"].get("tokenizer") != meta.get("tokenizer"):
+        diffs.append(f"tokenizer {state['meta'].get('tokenizer')} -> {meta.get('tokenizer')}")
+    elif state["meta"].get("chars") != meta.get("chars"):
+        diffs.append("character vocabulary of the data")
+    saved = state["model_config"]
+    for name, value in vars(model_config).items():
+        if saved.get(name) != value:
+            diffs.append(f"{name} {saved.get(name)} -> {value}")
+    if diffs:
+        raise UserError(f"cannot resume from {path}: it differs in {', '.join(diffs)}; drop the "
+                        "changed flags, or start a new model with --run NAME")
+
+
+class Trainer:
+    def __init__(self, cfg, explicit: dict, spec: ModelSpec):
+        self.procs, self.device = dev.start_processes(cfg.device)
+        self.spec = spec
+        self.run = cfg.run or spec.kind
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_ROOT
+        self.paths = RunPaths.for_run(out_dir, self.run)
+        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_ROOT / "data" / spec.tokenizer
+        state = None
+        if cfg.resume:
+            if not self.paths.last.is_file():
+                raise UserError(f"nothing to resume: {self.paths.last} does not exist; train "
+                                f"without --resume first (python {spec.kind}/train.py)")
+            state = load_checkpoint(self.paths.last)
+            cfg = resolve_config(cfg, explicit, state["train_config"])
+        self.cfg = cfg
+        if self.procs.is_main:
+            ensure_writable_dirs(self.paths.checkpoints, self.paths.plots, self.paths.samples)
+        self.meta = load_meta(self.data_dir)
+        if self.meta.get("tokenizer") != spec.tokenizer:
+            raise UserError(f"{self.data_dir} holds {self.meta.get('tokenizer')} tokens but the "
+                            f"{spec.kind} model reads {spec.tokenizer} tokens; fix --data-dir")
+        self.train_tokens = load_split(self.data_dir, "train", self.meta)
+        self.val_tokens = load_split(self.data_dir, "val", self.meta)
+        if len(self.val_tokens) < cfg.block_size + 1:
+            raise UserError(f"--block-size {cfg.block_size} is longer than the validation split "
+                            f"({len(self.val_tokens)} tokens); use --block-size "
+                            f"{len(self.val_tokens) - 1} or less, or a longer text")
+        if cfg.grad_accum_steps % self.procs.world_size:
+            raise UserError(f"--grad-accum-steps {cfg.grad_accum_steps} does not divide among "
+                            f"{self.procs.world_size} processes; make it a multiple of "
+                            f"{self.procs.world_size}", exit_code=2)
+        self.accum_steps = cfg.grad_accum_steps // self.procs.world_size
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+        self.dtype = dev.compute_dtype(self.device, cfg.dtype)
+
+        self.model_config = spec.model_config(cfg, self.meta["vocab_size"])
+        if state is not None:
+            check_compatible(state, spec, self.model_config, self.meta, self.paths.last)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.model = spec.model_cls(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.sampler = BatchSampler(self.train_tokens, cfg.block_size, cfg.batch_size,
+                                    seed=cfg.seed + 1000 * self.procs.rank)
+        torch.manual_seed(cfg.seed + 1000 * self.procs.rank + 1)  # dropout differs per rank
+        self.step, self.metrics, self.elapsed = 0, [], 0.0
+        self.best_val = math.inf
+        if state is not None:
+            self._restore(state)
+        self.forward_model = self.model
+        if cfg.compile:
+            self.forward_model = torch.compile(self.model)
+        if self.procs.distributed:
+            self.forward_model = DistributedDataParallel(
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ---- state -------------------------------------------------------------------------
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.metrics = list(state["metrics"])
+        self.elapsed = state["elapsed_s"]
+        self.best_val = state["best_val_loss"]
+        samplers, rngs = state["sampler_states"], state["rng_states"]
+        rank = self.procs.rank
+        if len(samplers) == self.procs.world_size:
+            self.sampler.set_state(samplers[rank])
+            dev.set_rng_state(rngs[rank], self.device)
+        else:
+            # A different process count cannot replay the old data order; each rank starts a
+            # fresh stream that depends on the step, so the run stays reproducible.
+            self.sampler.generator.manual_seed(self.cfg.seed + 1000 * rank + 7919 * self.step)
+            torch.manual_seed(self.cfg.seed + 1000 * rank + 7919 * self.step + 1)
+            if self.procs.is_main:
+                print(f"resuming {len(samplers)}-process state with {self.procs.world_size} "
+                      "processes: weights, optimizer and step are exact, the data order is new")
+
+    def _state(self) -> dict:
+        samplers = dev.all_gather_objects(self.sampler.state(), self.procs)
+        rngs = dev.all_gather_objects(dev.rng_state(self.device), self.procs)
+        return {
+            "version": 1,
+            "kind": self.spec.kind,
+            "model_config": vars(self.model_config).copy(),
+            "train_config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "metrics": list(self.metrics),
+            "best_val_loss": self.best_val,
+            "elapsed_s": self.elapsed,
+            "sampler_states": samplers,
+            "rng_states": [{k: v.cpu() for k, v in r.items()} for r in rngs],
+            "meta": self.meta,
+        }
+
+    # ---- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Val loss over every token of the val split (sharded across ranks), train loss on
+        eval_iters random batches, and val bits per character."""
+        cfg, model = self.cfg, self.model
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        windows = eval_windows(self.val_tokens, cfg.block_size)[self.procs.rank::self.procs.world_size]
+        with dev.autocast(self.device, self.dtype):
+            for x, y in window_batches(self.val_tokens, windows, cfg.batch_size, self.device):
+                _, loss = model(x, y)
+                sums[0] += loss.double() * y.numel()
+                sums[1] += y.numel()
+            train_sampler = BatchSampler(self.train_tokens, cfg.block_size, cfg.batch_size,
+                                         seed=cfg.seed + 1000 * self.procs.rank + 104729 * self.step)
+            for _ in range(self.procs.rank, cfg.eval_iters, self.procs.world_size):
+                _, loss = model(*train_sampler.next_batch(self.device))
+                sums[2] += loss.double()
+                sums[3] += 1
+        model.train()
+        val_loss, n_val, train_loss, n_train = dev.all_reduce_sum(sums, self.procs).tolist()
+        val_loss /= n_val
+        bpc = val_loss * self.meta["n_val_tokens"] / self.meta["n_val_chars"] / math.log(2)
+        return {"train_loss": train_loss / n_train, "val_loss": val_loss, "val_bpc": bpc}
+
+    # ---- outputs (rank 0) ---------------------------------------------------------------
+    def _write_metrics(self) -> None:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.metrics)
+        atomic_write_text(self.paths.metrics, out.getvalue())
+
+    def _plot(self) -> None:
+        stride = max(1, self.cfg.max_iters // 500)
+        steps = list(range(0, self.cfg.max_iters + 1, stride))
+        plot_losses(self.paths.plot, self.metrics, steps, [lr_at(s, self.cfg) for s in steps],
+                    self.tokens_per_step,
+                    f"{self.run}: {self.spec.kind}, {self.model.num_params() / 1e6:.2f}M params")
+
+    def write_sample(self) -> Path:
+        tokenizer = tokenizer_from_meta(self.meta)
+        start = tokenizer.eot if self.meta["tokenizer"] == "gpt2" else tokenizer.encode("\n")[0]
+        idx = torch.tensor([[start]], device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        self.model.eval()
+        out = generate(self.model, idx, self.cfg.sample_tokens, top_k=50 if self.spec.kind == "gpt" else None,
+                       generator=generator, vocab_size=self.meta["vocab_size"],
+                       dtype=self.dtype if self.device.type == "cuda" else torch.float32)
+        self.model.train()
+        text = tokenizer.decode(out[0, 1:].tolist())
+        path = self.paths.samples / "train_sample.txt"
+        atomic_write_text(path, f"# {self.run} at step {self.step}, val loss "
+                                f"{self.metrics[-1]['val_loss']:.4f}, temperature 1.0\n{text}\n")
+        return path
+
+    def checkpoint(self, evaluated: bool) -> None:
+        is_best = evaluated and self.metrics[-1]["val_loss"] <= self.best_val
+        if is_best:
+            self.best_val = self.metrics[-1]["val_loss"]
+        state = self._state()  # every rank joins the gathers inside
+        if not self.procs.is_main:
+            return
+        save_checkpoint(self.paths.last, state)
+        if is_best:
+            save_checkpoint(self.paths.best, state)
+        self._write_metrics()
+        if evaluated:
+            self._plot()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _train_step(self, lr: float) -> tuple:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum_steps):
+            x, y = self.sampler.next_batch(self.device)
+            last = micro == self.accum_steps - 1
+            sync = nullcontext() if last or not self.procs.distributed else self.forward_model.no_sync()
+            with sync:
+                with dev.autocast(self.device, self.dtype):
+                    _, loss = self.forward_model(x, y)
+                (loss / self.accum_steps).backward()
+            loss_sum += loss.detach()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.accum_steps, grad_norm
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        return dev.all_reduce_sum(flag, self.procs).item() > 0
+
+    def _fail_non_finite(self, step: int) -> None:
+        saved = f"{self.paths.last} still holds step {self.metrics[-1]['step']}" if self.metrics \
+            else "no checkpoint was written"
+        raise UserError(f"the loss or gradient became non-finite at step {step}; stopped without "
+                        f"saving ({saved}); lower --learning-rate or check the data")
+
+    def fit(self) -> int:
+        cfg, main = self.cfg, self.procs.is_main
+        if main:
+            print(f"{self.spec.kind}: {self.model.num_params():,} parameters, device "
+                  f"{self.device}, {str(self.dtype).replace('torch.', '')}, "
+                  f"{self.procs.world_size} process(es), {self.tokens_per_step:,} tokens/step")
+            if self.step:
+                print(f"resuming {self.paths.last} at step {self.step}")
+        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (main and sys.stderr.isatty()),
+                   dynamic_ncols=True)
+        window_losses, window_start = [], time.time()
+        train_time, tokens_at_eval = 0.0, self.step * self.tokens_per_step
+        elapsed_before, run_start = self.elapsed, time.time()
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        stopped = False
+        with StopRequest() as stop:
+            while self.step < cfg.max_iters:
+                t0 = time.time()
+                loss, grad_norm = self._train_step(lr_at(self.step, cfg))
+                self.step += 1
+                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                first_bad = torch.where(bad & (first_bad < 0), self.step, first_bad)
+                window_losses.append(loss)
+                at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
+                stopped = (self._stop_agreed(stop) if self.procs.distributed else stop.requested)
+                train_time += time.time() - t0
+                if self.step % cfg.log_interval == 0 or at_eval or stopped:
+                    if first_bad.item() >= 0:
+                        self._fail_non_finite(first_bad.item())
+                    mean_loss = torch.stack(window_losses).mean().item()
+                    rate = len(window_losses) * self.tokens_per_step / max(time.time() - window_start, 1e-9)
+                    window_losses, window_start = [], time.time()
+                    if main:
+                        lr = lr_at(self.step - 1, cfg)
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                        bar.update(self.step - bar.n)
+                        if bar.disable:
+                            print(f"step {self.step}/{cfg.max_iters}  loss {mean_loss:.4f}  "
+                                  f"lr {lr:.2e}  {rate:,.0f} tokens/s", flush=True)
+                if at_eval:
+                    tokens = self.step * self.tokens_per_step
+                    result = self.evaluate()
+                    self.elapsed = elapsed_before + time.time() - run_start
+                    if not math.isfinite(result["val_loss"]):
+                        self._fail_non_finite(self.step)
+                    self.metrics.append({"step": self.step, "lr": lr_at(self.step - 1, cfg), **result,
+                                         "tokens_seen": tokens, "elapsed_s": round(self.elapsed, 3),
+                                         "tokens_per_s": round((tokens - tokens_at_eval) / max(train_time, 1e-9), 1)})
+                    train_time, tokens_at_eval = 0.0, tokens
+                    self.checkpoint(evaluated=True)
+                    if main:
+                        tqdm.write(f"step {self.step}: train {result['train_loss']:.4f}  val "
+                                   f"{result['val_loss']:.4f}  val bpc {result['val_bpc']:.4f}",
+                                   file=sys.stdout)
+                    window_start = time.time()
+                if stopped:
+                    break
+        bar.close()
+        if stopped and self.step < cfg.max_iters:
+            if not at_eval:
+                self.elapsed = elapsed_before + time.time() - run_start
+                self.checkpoint(evaluated=False)
+            if main:
+                print(f"stopped at step {self.step}; {self.paths.last} is saved. Continue with:\n"
+                      f"  python {self.spec.kind}/train.py --resume"
+                      + (f" --run {self.run}" if self.run != self.spec.kind else ""))
+            return 130
+        if main:
+            sample = self.write_sample() if cfg.sample_tokens else None
+            best = min(self.metrics, key=lambda m: m["val_loss"])
+            print(f"done: best val loss {best['val_loss']:.4f} ({best['val_bpc']:.4f} bits/char) "
+                  f"at step {best['step']}, {self.elapsed:.0f}s wall time")
+            print(f"  checkpoint  {self.paths.best}\n  plot        {self.paths.plot}\n"
+                  f"  metrics     {self.paths.metrics}" + (f"\n  sample      {sample}" if sample else ""))
+        return 0
+
+
+def main(config_cls, presets: dict, spec: ModelSpec, description: str, argv=None) -> int:
+    cfg, explicit = parse_config(config_cls, presets, description, argv)
+    trainer = Trainer(cfg, explicit, spec)
+    try:
+        return trainer.fit()
+    finally:
+        dev.stop_processes(trainer.procs)

@@ -1,0 +1,184 @@
+"""Prepare the train/val splits for both tokenizers.
+
+    python prepare_data.py                  # Tiny Shakespeare (downloaded once, checksum-verified)
+    python prepare_data.py --input my.txt   # any UTF-8 text of your own
+
+The text is split 90/10 by characters first, then each split is encoded with both tokenizers,
+so both models are scored on the same validation text. Writes <out-dir>/char/ and
+<out-dir>/gpt2/, each with train.bin, val.bin (little-endian uint16 ids) and meta.json.
+"""
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path[0] = str(Path(__file__).resolve().parent)
+from lmkit.errors import UserError, run_main  # noqa: E402
+from lmkit.files import atomic_write_bytes, atomic_write_text, ensure_writable_dirs  # noqa: E402
+from lmkit.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
+
+TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
+                        "data/tinyshakespeare/input.txt")
+TINY_SHAKESPEARE_BYTES = 1_115_394
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CORPUS_NAME = "input.txt"
+CHUNK_CHARS = 1 << 20  # encode in pieces of about this size, with a progress bar past one piece
+# Chunks end after "\n" between two non-space characters: GPT-2's pre-tokenizer never joins
+# across such a newline, so encoding piece by piece gives the same ids as encoding at once.
+SAFE_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", type=Path, help="a UTF-8 text file to use instead of Tiny Shakespeare")
+    p.add_argument("--url", default=TINY_SHAKESPEARE_URL,
+                   help="where to download Tiny Shakespeare from (a mirror, say); default: %(default)s")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "data",
+                   help="folder for the corpus cache and the char/ and gpt2/ splits (default: data/)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the text (by characters, taken from the end) used for validation, "
+                        "in (0, 0.5] (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def download_corpus(url: str, dest: Path) -> bytes:
+    """Fetch Tiny Shakespeare, check its size and sha256, and cache it atomically at dest."""
+    print(f"downloading Tiny Shakespeare from {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(
+            f"could not download Tiny Shakespeare from {url} ({reason}). On a machine without "
+            f"network access, copy the file (1,115,394 bytes, from {TINY_SHAKESPEARE_URL}) to "
+            f"{dest}, or pass any UTF-8 text with --input FILE, or point --url at a mirror.") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != TINY_SHAKESPEARE_BYTES or digest != TINY_SHAKESPEARE_SHA256:
+        raise UserError(f"the file from {url} is not Tiny Shakespeare ({len(data):,} bytes, sha256 "
+                        f"{digest[:12]}..., expected {TINY_SHAKESPEARE_BYTES:,} bytes, sha256 "
+                        f"{TINY_SHAKESPEARE_SHA256[:12]}...); nothing was saved: try again or "
+                        "use another --url")
+    atomic_write_bytes(dest, data)
+    return data
+
+
+def read_source(args) -> tuple:
+    """Return (raw bytes, display name) of the text to prepare."""
+    if args.input is not None:
+        try:
+            return args.input.read_bytes(), args.input.name
+        except FileNotFoundError:
+            raise UserError(f"input file {args.input} does not exist; check the path") from None
+        except IsADirectoryError:
+            raise UserError(f"input {args.input} is a folder; pass a text file") from None
+        except OSError as e:
+            raise UserError(f"cannot read {args.input} ({e.strerror}); check its permissions") from None
+    cached = args.out_dir / CORPUS_NAME
+    if cached.is_file():
+        return cached.read_bytes(), CORPUS_NAME
+    return download_corpus(args.url, cached), CORPUS_NAME
+
+
+def decode_text(raw: bytes, name: str) -> str:
+    if not raw:
+        raise UserError(f"{name} is empty; give a text file with some content")
+    if b"\x00" in raw:
+        raise UserError(f"{name} looks like a binary file (it holds NUL bytes); give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name} is not valid UTF-8 text (bad byte at offset {e.start}); "
+                        "convert it to UTF-8 first") from None
+
+
+def text_chunks(text: str):
+    """Split text into pieces of about CHUNK_CHARS at newlines GPT-2's BPE never merges across."""
+    start = 0
+    while len(text) - start > CHUNK_CHARS:
+        cut = SAFE_CUT.search(text, start + CHUNK_CHARS)
+        if cut is None:
+            break
+        yield text[start:cut.start() + 2]
+        start = cut.start() + 2
+    yield text[start:]
+
+
+def encode(text: str, encode_piece, label: str) -> np.ndarray:
+    chunks = list(text_chunks(text))
+    parts = [np.asarray(encode_piece(c), dtype=np.uint16)
+             for c in tqdm(chunks, desc=label, unit="chunk", disable=len(chunks) < 2, leave=False)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def split_text(text: str, val_fraction: float) -> tuple:
+    n_train = int(len(text) * (1 - val_fraction))
+    return text[:n_train], text[n_train:]
+
+
+def write_split(folder: Path, train_ids: np.ndarray, val_ids: np.ndarray, meta: dict) -> None:
+    atomic_write_bytes(folder / "train.bin", train_ids.astype("<u2").tobytes())
+    atomic_write_bytes(folder / "val.bin", val_ids.astype("<u2").tobytes())
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
+
+
+def prepare(args) -> dict:
+    """Encode and write both tokenizations; return {tokenizer: meta}."""
+    if not 0 < args.val_fraction <= 0.5:
+        raise UserError(f"--val-fraction must be in (0, 0.5], got {args.val_fraction}")
+    ensure_writable_dirs(args.out_dir)
+    raw, name = read_source(args)
+    text = decode_text(raw, name)
+    train_text, val_text = split_text(text, args.val_fraction)
+    source = {"source": name, "source_sha256": hashlib.sha256(raw).hexdigest(),
+              "val_fraction": args.val_fraction,
+              "n_train_chars": len(train_text), "n_val_chars": len(val_text)}
+
+    char_tok = CharTokenizer.from_text(text)
+    if char_tok.vocab_size > 65535:
+        raise UserError(f"{name} has {char_tok.vocab_size} distinct characters, more than "
+                        "uint16 ids can hold; use a smaller alphabet")
+    gpt2_tok = GPT2Tokenizer()
+    tokenizers = {"char": (char_tok.encode_array, {"vocab_size": char_tok.vocab_size,
+                                                   "chars": char_tok.chars}),
+                  "gpt2": (gpt2_tok.encode, {"vocab_size": gpt2_tok.vocab_size})}
+    encoded = {}
+    for tok_name, (encode_piece, tok_meta) in tokenizers.items():
+        train_ids = encode(train_text, encode_piece, f"{tok_name} train")
+        val_ids = encode(val_text, encode_piece, f"{tok_name} val")
+        if min(len(train_ids), len(val_ids)) < 2:
+            raise UserError(f"{name} is too short: with --val-fraction {args.val_fraction} the "
+                            f"{tok_name} split has {len(train_ids)} train and {len(val_ids)} val "
+                            "tokens, and each needs at least 2; use a longer text")
+        meta = {"tokenizer": tok_name, **tok_meta, "n_train_tokens": len(train_ids),
+                "n_val_tokens": len(val_ids), **source}
+        encoded[tok_name] = (train_ids, val_ids, meta)
+    # Write only once every split is known to be good, so bad input leaves nothing behind.
+    for tok_name, (train_ids, val_ids, meta) in encoded.items():
+        write_split(args.out_dir / tok_name, train_ids, val_ids, meta)
+    return {tok_name: meta for tok_name, (_, _, meta) in encoded.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    metas = prepare(args)
+    first = next(iter(metas.values()))
+    print(f"{first['source']}: {first['n_train_chars']:,} train / {first['n_val_chars']:,} val characters")
+    for tok_name, meta in metas.items():
+        print(f"  {tok_name:5s} vocab {meta['vocab_size']:>6,}  train {meta['n_train_tokens']:>9,} tokens"
+              f"  val {meta['n_val_tokens']:>8,} tokens  -> {args.out_dir / tok_name}")
+    print(f"done in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
