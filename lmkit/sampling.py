@@ -1,0 +1,171 @@
+"""The sample.py command both models share: load a checkpoint, generate N samples in one batch."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmkit import device as dev
+from lmkit.checkpoint import load_checkpoint
+from lmkit.errors import UserError
+from lmkit.files import atomic_write_text
+from lmkit.generate import generate
+from lmkit.tokenizers import tokenizer_from_meta
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_parser(kind: str, default_top_k, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=kind, help="run whose checkpoints/<run>/best.pt (or last.pt) "
+                                               "to load (default: %(default)s)")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint file to load instead")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, generated in one batch "
+                                                              "(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per "
+                                                                   "sample (default: %(default)s)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start from nothing)")
+    p.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature; 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=default_top_k,
+                   help="sample only from the k likeliest tokens (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample only from the smallest set of tokens holding this much probability")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--stream", action="store_true", help="print the first sample as it is produced")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole context every token (slow; for checks and benchmarks)")
+    p.add_argument("--out", type=Path, help="file for the samples (default: samples/<run>/...)")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT,
+                   help="folder holding checkpoints/ and samples/ (default: the repository root)")
+    return p
+
+
+def check_args(args) -> None:
+    def need(ok, message):
+        if not ok:
+            raise UserError(message, exit_code=2)
+
+    need(args.num_samples >= 1, f"--num-samples must be at least 1, got {args.num_samples}")
+    need(args.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}")
+    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}")
+    need(args.top_k is None or args.top_k >= 1, f"--top-k must be at least 1, got {args.top_k}")
+    need(args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
+    need(args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both")
+
+
+def find_checkpoint(args, kind: str) -> Path:
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_file():
+            raise UserError(f"checkpoint {args.checkpoint} does not exist")
+        return args.checkpoint
+    folder = args.out_dir / "checkpoints" / args.run
+    for name in ("best.pt", "last.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    run_flag = f" --run {args.run}" if args.run != kind else ""
+    raise UserError(f"no checkpoint in {folder}; train one first with "
+                    f"`python {kind}/train.py{run_flag}`")
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is None:
+        return args.prompt or ""
+    try:
+        return args.prompt_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file {args.prompt_file} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+
+
+def load_model(state: dict, spec, device):
+    config = spec.config_cls(**state["model_config"])
+    model = spec.model_cls(config)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def prompt_ids(text: str, tokenizer, meta: dict, block_size: int) -> list:
+    if not text:
+        return [tokenizer.eot] if meta["tokenizer"] == "gpt2" else tokenizer.encode("\n")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give some text")
+    if len(ids) > block_size:
+        print(f"note: the prompt is {len(ids)} tokens; keeping its last {block_size} "
+              "(the model's block size)", file=sys.stderr)
+        ids = ids[-block_size:]
+    return ids
+
+
+class Streamer:
+    """Prints the first row's text as tokens arrive, holding back half-finished UTF-8."""
+
+    def __init__(self, tokenizer, prompt_text: str):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.printed = 0
+        print(prompt_text, end="", flush=True)
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0, 0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+
+
+def main(spec, default_top_k, description: str, argv=None) -> int:
+    args = build_parser(spec.kind, default_top_k, description).parse_args(argv)
+    check_args(args)
+    path = find_checkpoint(args, spec.kind)
+    state = load_checkpoint(path)
+    if state["kind"] != spec.kind:
+        raise UserError(f"{path} is a {state['kind']} checkpoint; sample it with "
+                        f"`python {state['kind']}/sample.py`")
+    device = dev.pick_device(args.device)
+    model = load_model(state, spec, device)
+    meta = state["meta"]
+    tokenizer = tokenizer_from_meta(meta)
+    prompt_text = read_prompt(args)
+    ids = prompt_ids(prompt_text, tokenizer, meta, model.config.block_size)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    streamer = Streamer(tokenizer, prompt_text) if args.stream else None
+
+    t0 = time.time()
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, generator=generator, use_cache=not args.no_kv_cache,
+                   vocab_size=meta["vocab_size"],
+                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                   on_token=streamer)
+    dev.synchronize(device)
+    seconds = time.time() - t0
+    if streamer:
+        print()
+    skip = 0 if prompt_text else len(ids)  # the start token of an empty prompt is not text
+    texts = [tokenizer.decode(row[skip:].tolist()) for row in out]
+
+    step, val = state["step"], state["metrics"][-1]["val_loss"] if state["metrics"] else float("nan")
+    header = (f"# checkpoint: {path} (step {step}, val loss {val:.4f})\n"
+              f"# num_samples={args.num_samples} max_new_tokens={args.max_new_tokens} "
+              f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
+              f"seed={args.seed} kv_cache={not args.no_kv_cache} prompt={prompt_text!r}\n")
+    blocks = [f"---------- sample {i + 1}/{len(texts)} ----------\n{t}\n" for i, t in enumerate(texts)]
+    if not args.stream:
+        print("\n".join(blocks))
+    elif len(blocks) > 1:
+        print("\n".join(blocks[1:]))
+    out_path = args.out or (args.out_dir / "samples" / args.run /
+                            f"samples-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+    atomic_write_text(out_path, header + "\n" + "\n".join(blocks))
+    n_tokens = args.num_samples * args.max_new_tokens
+    print(f"{n_tokens} tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); "
+          f"saved to {out_path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,91 @@
+"""Shared fixtures: a small generated corpus, prepared data, and tiny trained checkpoints."""
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import prepare_data  # noqa: E402
+
+SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CACHED_CORPUS = REPO_ROOT / "data" / "input.txt"
+
+
+def make_text(n_lines: int = 1500, seed: int = 0) -> str:
+    """A small play-like text: repetitive enough that a tiny model's loss falls in a few steps."""
+    rng = random.Random(seed)
+    names = ["ROMEO", "JULIET", "NURSE", "FRIAR"]
+    words = ("thou art the sun and moon my love what light through yonder window breaks "
+             "good night sweet prince parting is such sorrow").split()
+    lines = []
+    for i in range(n_lines):
+        if i % 5 == 0:
+            lines.append(f"\n{rng.choice(names)}:")
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + ".")
+    return "\n".join(lines) + "\n"
+
+
+def tiny_flags(data_dir: Path, out_dir: Path, **overrides) -> list:
+    """Flags for a model small enough to train in a second or two on a CPU."""
+    values = dict(device="cpu", dtype="float32", n_layer=1, n_head=2, n_embd=16, block_size=16,
+                  batch_size=4, grad_accum_steps=1, max_iters=12, eval_interval=6, eval_iters=2,
+                  log_interval=3, dropout=0.0, learning_rate=3e-3, min_lr=3e-4, warmup_iters=2,
+                  sample_tokens=10, data_dir=data_dir, out_dir=out_dir)
+    values.update(overrides)
+    flags = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
+    return flags
+
+
+def run_script(script: str, *args, check=False, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts the way a user does, from the repo root."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def small_text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "play.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, small_text_file) -> Path:
+    """A data folder with char/ and gpt2/ splits of the small text."""
+    out = tmp_path_factory.mktemp("data")
+    assert prepare_data.main(["--input", str(small_text_file), "--out-dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, prepared) -> Path:
+    """An out_dir holding tiny trained 'bigram' and 'gpt' runs (checkpoints, plots, samples)."""
+    from bigram.train import main as bigram_main
+    from gpt.train import main as gpt_main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert bigram_main(tiny_flags(prepared / "char", out)) == 0
+    assert gpt_main(tiny_flags(prepared / "gpt2", out, block_size=32)) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_corpus() -> Path:
+    """Tiny Shakespeare from ../shared (CI) or the local cache; skipped when neither exists."""
+    for path in (SHARED_CORPUS, CACHED_CORPUS):
+        if path.is_file():
+            return path
+    pytest.skip("Tiny Shakespeare is not available offline here")
