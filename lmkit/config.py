@@ -96,9 +96,7 @@ def parse_config(config_cls, presets: dict, description: str, argv=None):
     preset = args.pop("preset")
     explicit = dict(presets.get(preset, {})) if preset else {}
     explicit.update({k: v for k, v in args.items() if v is not None})
-    config = config_cls(**explicit)
-    validate(config)
-    return config, explicit
+    return config_cls(**explicit), explicit
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint, save_checkpoint
-from lmkit.config import PER_INVOCATION, parse_config
+from lmkit.config import PER_INVOCATION, parse_config, validate
 from lmkit.data import BatchSampler, eval_windows, load_meta, load_split, window_batches
 from lmkit.errors import UserError
 from lmkit.files import atomic_write_text, ensure_writable_dirs
@@ -144,6 +144,7 @@ class Trainer:
                                 f"without --resume first (python {spec.kind}/train.py)")
             state = load_checkpoint(self.paths.last)
             cfg = resolve_config(cfg, explicit, state["train_config"])
+        validate(cfg)
         self.cfg = cfg
         if self.procs.is_main:
             ensure_writable_dirs(self.paths.checkpoints, self.paths.plots, self.paths.samples)

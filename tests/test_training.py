@@ -1,0 +1,210 @@
+"""Training: both models learn, resume is exact, accumulation is exact, outputs are written."""
+import csv
+import math
+
+import pytest
+import torch
+
+from bigram.model import BigramConfig, BigramLanguageModel
+from bigram.train import BigramTrainConfig
+from bigram.train import main as bigram_main
+from conftest import run_script, tiny_flags
+from gpt.model import GPT, GPTConfig
+from gpt.train import GPTTrainConfig
+from gpt.train import main as gpt_main
+from lmkit import trainer
+from lmkit.errors import UserError
+from lmkit.schedule import lr_at
+
+MAINS = {"bigram": (bigram_main, "char"), "gpt": (gpt_main, "gpt2")}
+
+
+def read_metrics(out_dir, run):
+    with open(out_dir / "checkpoints" / run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(out_dir, run, name="last.pt"):
+    return torch.load(out_dir / "checkpoints" / run / name, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("kind", ["bigram", "gpt"])
+def test_loss_falls_and_outputs_are_written(kind, prepared, tmp_path):
+    """A few steps on a small text lower the loss; metrics, plot, checkpoints and sample exist."""
+    main, tokenizer = MAINS[kind]
+    assert main(tiny_flags(prepared / tokenizer, tmp_path, max_iters=30, eval_interval=10,
+                                 learning_rate=1e-2)) == 0
+    rows = read_metrics(tmp_path, kind)
+    assert [int(r["step"]) for r in rows] == [10, 20, 30]
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.3
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    for row in rows:
+        assert int(row["tokens_seen"]) == int(row["step"]) * 4 * 16
+        assert float(row["val_bpc"]) > 0 and float(row["tokens_per_s"]) > 0
+    assert (tmp_path / "checkpoints" / kind / "best.pt").is_file()
+    plot = tmp_path / "plots" / kind / "loss_plot.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sample = (tmp_path / "samples" / kind / "train_sample.txt").read_text()
+    assert sample.startswith(f"# {kind} at step 30")
+    state = torch.load(tmp_path / "checkpoints" / kind / "last.pt", weights_only=True)
+    assert state["step"] == 30 and state["meta"]["tokenizer"] == tokenizer
+    assert [m["step"] for m in state["metrics"]] == [10, 20, 30]
+
+
+def test_val_bpc_is_val_loss_in_bits_per_character(prepared, tmp_path):
+    """bits/char = val loss x tokens / characters / ln 2, using the split's meta."""
+    assert gpt_main(tiny_flags(prepared / "gpt2", tmp_path, max_iters=6)) == 0
+    meta = torch.load(tmp_path / "checkpoints/gpt/last.pt", weights_only=True)["meta"]
+    row = read_metrics(tmp_path, "gpt")[-1]
+    expected = float(row["val_loss"]) * meta["n_val_tokens"] / meta["n_val_chars"] / math.log(2)
+    assert float(row["val_bpc"]) == pytest.approx(expected, rel=1e-6)
+
+
+class StopAt(trainer.StopRequest):
+    """A Ctrl-C that arrives during a given step, without a real signal."""
+    at_step = None
+
+    def __enter__(self):
+        super().__enter__()
+        StopAt.instance = self
+        return self
+
+
+@pytest.mark.parametrize("kind,stop_step", [("bigram", 7), ("gpt", 6)])
+def test_resume_after_stop_equals_uninterrupted_run(kind, stop_step, prepared, tmp_path, monkeypatch):
+    """Stop at a step (mid-window or at an eval), resume: same losses and same final weights."""
+    main, tokenizer = MAINS[kind]
+    flags = tiny_flags(prepared / tokenizer, tmp_path, dropout=0.1, grad_accum_steps=2)
+    assert main(flags + ["--run", "straight"]) == 0
+
+    original_step = trainer.Trainer._train_step
+
+    def train_step(self, lr):
+        result = original_step(self, lr)
+        if self.step + 1 == stop_step:  # the step being finished now
+            StopAt.instance.requested = True
+        return result
+
+    monkeypatch.setattr(trainer, "StopRequest", StopAt)
+    monkeypatch.setattr(trainer.Trainer, "_train_step", train_step)
+    assert main(flags + ["--run", "split"]) == 130
+    assert torch.load(tmp_path / "checkpoints/split/last.pt", weights_only=True)["step"] == stop_step
+    monkeypatch.setattr(trainer.Trainer, "_train_step", original_step)
+    assert main(["--resume", "--run", "split", "--out-dir", str(tmp_path),
+                 "--data-dir", str(prepared / tokenizer)]) == 0
+
+    straight, split = read_metrics(tmp_path, "straight"), read_metrics(tmp_path, "split")
+    for a, b in zip(straight, split, strict=True):
+        for field in ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen"):
+            assert a[field] == b[field]
+    for name, tensor in weights(tmp_path, "straight").items():
+        assert torch.equal(tensor, weights(tmp_path, "split")[name]), name
+
+
+def test_resume_can_extend_max_iters(prepared, tmp_path):
+    """--max-iters may change on resume; the run continues from its step."""
+    flags = tiny_flags(prepared / "char", tmp_path, max_iters=6)
+    assert bigram_main(flags) == 0
+    assert bigram_main(["--resume", "--max-iters", "12", "--out-dir", str(tmp_path),
+                        "--data-dir", str(prepared / "char")]) == 0
+    assert [int(r["step"]) for r in read_metrics(tmp_path, "bigram")] == [6, 12]
+
+
+def test_resume_with_other_architecture_lists_differences(prepared, tmp_path):
+    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6)) == 0
+    with pytest.raises(UserError, match=r"n_embd 16 -> 32, n_layer 1 -> 2"):
+        bigram_main(["--resume", "--n-layer", "2", "--n-embd", "32", "--out-dir", str(tmp_path),
+                     "--data-dir", str(prepared / "char")])
+
+
+def test_resume_with_other_tokenizer_data_is_refused(prepared, tmp_path):
+    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6)) == 0
+    with pytest.raises(UserError, match="holds gpt2 tokens"):
+        bigram_main(["--resume", "--out-dir", str(tmp_path), "--data-dir", str(prepared / "gpt2")])
+
+
+def test_resume_without_checkpoint_says_what_to_do(prepared, tmp_path):
+    with pytest.raises(UserError, match=r"nothing to resume.*train without --resume"):
+        gpt_main(tiny_flags(prepared / "gpt2", tmp_path, resume=True))
+
+
+def test_gradient_accumulation_matches_one_big_batch(prepared, tmp_path):
+    """2 micro-batches of B give the same update as one batch of 2B."""
+    data = prepared / "gpt2"
+    assert gpt_main(tiny_flags(data, tmp_path, max_iters=1, eval_interval=1, run="accum",
+                               batch_size=4, grad_accum_steps=2)) == 0
+    assert gpt_main(tiny_flags(data, tmp_path, max_iters=1, eval_interval=1, run="big",
+                               batch_size=8, grad_accum_steps=1)) == 0
+    accum, big = weights(tmp_path, "accum"), weights(tmp_path, "big")
+    for name, tensor in accum.items():
+        torch.testing.assert_close(tensor, big[name], rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_schedule_values():
+    cfg = GPTTrainConfig()  # 4000 iters, warmup -1 = a quarter
+    assert lr_at(0, cfg) == pytest.approx(6e-4 / 1000)
+    assert lr_at(999, cfg) == pytest.approx(6e-4)
+    assert lr_at(1000, cfg) == pytest.approx(6e-4)
+    assert lr_at(2500, cfg) == pytest.approx((6e-4 + 6e-5) / 2)
+    assert lr_at(4000, cfg) == pytest.approx(6e-5)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(1000, 4000))
+
+
+def test_bigram_schedule_warms_up_and_constant_reproduces_the_lectures():
+    cfg = BigramTrainConfig()
+    assert lr_at(0, cfg) == pytest.approx(3e-6) and lr_at(99, cfg) == pytest.approx(3e-4)
+    assert lr_at(4999, cfg) == pytest.approx(3e-5, rel=1e-3)
+    constant = BigramTrainConfig(lr_schedule="constant")
+    assert {lr_at(s, constant) for s in range(0, 5000, 7)} == {3e-4}
+
+
+def test_seed_config_parameter_counts():
+    assert BigramLanguageModel(BigramConfig()).num_params() == 10_788_929
+    gpt = GPT(GPTConfig())
+    assert gpt.config.vocab_size == 50304
+    assert gpt.num_params() == 7_240_448
+    assert gpt.lm_head.weight is gpt.wte.weight
+
+
+def test_gpt_vocabulary_is_padded_and_residual_init_scaled():
+    spec_config = trainer.ModelSpec("gpt", "gpt2", GPT, GPTConfig, pad_vocab_to=64).model_config(
+        GPTTrainConfig(), 50257)
+    assert spec_config.vocab_size == 50304
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=512))
+    assert model.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+    assert model.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_help_lists_every_flag_with_defaults():
+    out = run_script("gpt/train.py", "--help", check=True).stdout
+    for flag in ("--preset", "--device", "--resume", "--run", "--seed", "--max-iters",
+                 "--eval-interval", "--eval-iters", "--batch-size", "--block-size",
+                 "--grad-accum-steps", "--n-layer", "--n-head", "--n-embd", "--dropout",
+                 "--learning-rate", "--min-lr", "--warmup-iters", "--lr-schedule",
+                 "--weight-decay", "--data-dir"):
+        assert flag in out
+    assert "seed: 0.0006" in out and "seed: 4000" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--n-embd", "30", "--n-head", "4"], "not divisible by --n-head"),
+    (["--max-iters", "0"], "--max-iters must be at least 1"),
+    (["--dropout", "1.5"], "--dropout must be in"),
+])
+def test_bad_flags_exit_2_with_one_sentence(flags, message, prepared, tmp_path):
+    result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path), *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_says_run_prepare(tmp_path):
+    result = run_script("gpt/train.py", "--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path)
+    assert result.returncode == 1
+    assert "python prepare_data.py" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints" / "gpt" / "last.pt").exists()
+
+
+def test_block_size_longer_than_val_split_is_refused(prepared, tmp_path):
+    with pytest.raises(UserError, match="longer than the validation split"):
+        bigram_main(tiny_flags(prepared / "char", tmp_path, block_size=100_000))
