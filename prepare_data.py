@@ -9,6 +9,7 @@ so both models are scored on the same validation text. Writes <out-dir>/char/ an
 """
 import argparse
 import hashlib
+import http.client
 import json
 import re
 import sys
@@ -55,7 +56,7 @@ def download_corpus(url: str, dest: Path) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             data = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(
             f"could not download Tiny Shakespeare from {url} ({reason}). On a machine without "

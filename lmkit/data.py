@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmkit.device import to_device
 from lmkit.errors import UserError
 
 
@@ -31,15 +32,13 @@ def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
     return tokens
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(array.astype(np.int64))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 class BatchSampler:
-    """Random (input, target) windows drawn by a seeded generator whose state can be saved."""
+    """Random (input, target) windows drawn by a seeded generator whose state can be saved.
+
+    Under torchrun every rank holds an identically seeded generator and draws the start
+    offsets of all micro-batches of a step, keeping only its own share. The data order is
+    then the same for any number of processes, and resuming with another count stays exact.
+    """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
         if len(tokens) < block_size + 1:
@@ -51,12 +50,22 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.offsets = np.arange(block_size + 1)
 
-    def next_batch(self, device: torch.device) -> tuple:
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,),
-                               generator=self.generator).numpy()
-        windows = self.tokens[starts[:, None] + self.offsets]
-        batch = _to_device(windows, device)
+    def _draw_starts(self) -> np.ndarray:
+        return torch.randint(len(self.tokens) - self.block_size, (self.batch_size,),
+                             generator=self.generator).numpy()
+
+    def _batch(self, starts: np.ndarray, device) -> tuple:
+        batch = to_device(self.tokens[starts[:, None] + self.offsets], device)
         return batch[:, :-1], batch[:, 1:]
+
+    def next_batch(self, device) -> tuple:
+        return self._batch(self._draw_starts(), device)
+
+    def step_batches(self, n_micro: int, rank: int, world_size: int, device) -> list:
+        """This rank's share of the n_micro micro-batches of one optimizer step."""
+        per_rank = n_micro // world_size
+        starts = [self._draw_starts() for _ in range(n_micro)]
+        return [self._batch(s, device) for s in starts[rank * per_rank:(rank + 1) * per_rank]]
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -80,5 +89,5 @@ def window_batches(tokens: np.ndarray, windows: list, batch_size: int, device: t
         offsets = np.arange(length + 1)
         for i in range(0, len(starts), batch_size):
             chunk = np.asarray(starts[i:i + batch_size])
-            batch = _to_device(tokens[chunk[:, None] + offsets], device)
+            batch = to_device(tokens[chunk[:, None] + offsets], device)
             yield batch[:, :-1], batch[:, 1:]

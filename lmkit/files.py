@@ -20,6 +20,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write) -> None:
     """Call write(fileobj) on a temp file beside `path`, fsync it, then rename it over `path`.
 
@@ -30,6 +36,7 @@ def atomic_write(path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -70,3 +77,14 @@ def ensure_writable_dirs(*folders) -> None:
         except OSError as e:
             raise UserError(f"cannot write to {folder} ({e.strerror or e}); "
                             "fix its permissions or point the script at a writable folder") from e
+
+
+def remove_stale_temp_files(folder) -> None:
+    """Delete temp files a killed process left behind in folder (see atomic_write)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for leftover in folder.glob(".*.tmp"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass

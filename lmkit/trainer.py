@@ -22,7 +22,7 @@ from lmkit.checkpoint import load_checkpoint, save_checkpoint
 from lmkit.config import PER_INVOCATION, parse_config, validate
 from lmkit.data import BatchSampler, eval_windows, load_meta, load_split, window_batches
 from lmkit.errors import UserError
-from lmkit.files import atomic_write_text, ensure_writable_dirs
+from lmkit.files import atomic_write_text, ensure_writable_dirs, remove_stale_temp_files
 from lmkit.generate import generate
 from lmkit.plotting import plot_losses
 from lmkit.schedule import lr_at
@@ -136,6 +136,8 @@ class Trainer:
         self.run = cfg.run or spec.kind
         out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_ROOT
         self.paths = RunPaths.for_run(out_dir, self.run)
+        if self.procs.is_main:
+            remove_stale_temp_files(self.paths.checkpoints)
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_ROOT / "data" / spec.tokenizer
         state = None
         if cfg.resume:
@@ -172,8 +174,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = spec.model_cls(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
-        self.sampler = BatchSampler(self.train_tokens, cfg.block_size, cfg.batch_size,
-                                    seed=cfg.seed + 1000 * self.procs.rank)
+        self.sampler = BatchSampler(self.train_tokens, cfg.block_size, cfg.batch_size, seed=cfg.seed)
         torch.manual_seed(cfg.seed + 1000 * self.procs.rank + 1)  # dropout differs per rank
         self.step, self.metrics, self.elapsed = 0, [], 0.0
         self.best_val = math.inf
@@ -194,23 +195,26 @@ class Trainer:
         self.metrics = list(state["metrics"])
         self.elapsed = state["elapsed_s"]
         self.best_val = state["best_val_loss"]
-        samplers, rngs = state["sampler_states"], state["rng_states"]
+        ranks = state["rank_states"]
         rank = self.procs.rank
-        if len(samplers) == self.procs.world_size:
-            self.sampler.set_state(samplers[rank])
-            dev.set_rng_state(rngs[rank], self.device)
+        if len(ranks) == self.procs.world_size:
+            self.sampler.set_state(ranks[rank]["sampler"])
+            dev.set_rng_state(ranks[rank]["rng"], self.device)
         else:
-            # A different process count cannot replay the old data order; each rank starts a
-            # fresh stream that depends on the step, so the run stays reproducible.
-            self.sampler.generator.manual_seed(self.cfg.seed + 1000 * rank + 7919 * self.step)
+            # Batch generators are identical on every rank (see BatchSampler), so the data
+            # order carries over; dropout streams are per rank, so start fresh ones that
+            # depend on the step, keeping the resumed run reproducible.
+            self.sampler.set_state(ranks[0]["sampler"])
             torch.manual_seed(self.cfg.seed + 1000 * rank + 7919 * self.step + 1)
             if self.procs.is_main:
-                print(f"resuming {len(samplers)}-process state with {self.procs.world_size} "
-                      "processes: weights, optimizer and step are exact, the data order is new")
+                print(f"resuming a {len(ranks)}-process run with {self.procs.world_size} "
+                      "processes: weights, optimizer, step and data order are exact; dropout "
+                      "masks are new")
 
     def _state(self) -> dict:
-        samplers = dev.all_gather_objects(self.sampler.state(), self.procs)
-        rngs = dev.all_gather_objects(dev.rng_state(self.device), self.procs)
+        mine = {"sampler": self.sampler.state(),
+                "rng": {k: v.cpu() for k, v in dev.rng_state(self.device).items()}}
+        ranks = dev.all_gather_objects(mine, self.procs)
         return {
             "version": 1,
             "kind": self.spec.kind,
@@ -222,8 +226,7 @@ class Trainer:
             "metrics": list(self.metrics),
             "best_val_loss": self.best_val,
             "elapsed_s": self.elapsed,
-            "sampler_states": samplers,
-            "rng_states": [{k: v.cpu() for k, v in r.items()} for r in rngs],
+            "rank_states": ranks,
             "meta": self.meta,
         }
 
@@ -303,8 +306,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum_steps):
-            x, y = self.sampler.next_batch(self.device)
+        batches = self.sampler.step_batches(self.cfg.grad_accum_steps, self.procs.rank,
+                                            self.procs.world_size, self.device)
+        for micro, (x, y) in enumerate(batches):
             last = micro == self.accum_steps - 1
             sync = nullcontext() if last or not self.procs.distributed else self.forward_model.no_sync()
             with sync:
