@@ -60,6 +60,10 @@ class TrainConfig:
 # Model configs subclass TrainConfig to change defaults; help and choices live here.
 BASE_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
+# torchrun's own parser takes a script's "--run" for an abbreviation of its "--run-path";
+# "--run-name" gets through it.
+ALIASES = {"run": ("--run-name",)}
+
 # Flags that only steer this invocation; they are neither saved nor restored on --resume.
 PER_INVOCATION = ("device", "resume", "run", "data_dir", "out_dir")
 
@@ -78,13 +82,13 @@ def build_parser(config_cls, presets: dict, description: str) -> argparse.Argume
                         help="starting values for every flag below; any flag overrides it "
                              "(default: seed)")
     for f in fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]
         help_text = _flag_help(f, f.default, presets)
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         else:
-            parser.add_argument(flag, type=f.type, default=None,
+            parser.add_argument(*flags, dest=f.name, type=f.type, default=None,
                                 choices=BASE_FIELDS[f.name].metadata["choices"],
                                 help=help_text)
     return parser
