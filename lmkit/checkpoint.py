@@ -36,7 +36,7 @@ def load_checkpoint(path) -> dict:
                             f"only load files you trust{_sibling_hint(path)}") from None
         raise UserError(f"{path} is not a readable checkpoint (damaged or truncated)"
                         f"{_sibling_hint(path)}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError) as e:
+    except Exception:  # a damaged file can make the unpickler fail in many ways
         raise UserError(f"{path} is not a readable checkpoint (damaged, truncated or not a "
                         f"PyTorch file){_sibling_hint(path)}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):

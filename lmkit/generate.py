@@ -36,7 +36,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              generator=None, use_cache=True, vocab_size=None, dtype=torch.float32, on_token=None):
-    """Extend every row of idx (B, T) by max_new_tokens tokens; return (B, T + max_new_tokens).
+    """Extend every row of idx (B, T) by max_new_tokens tokens; return the rows with them.
+
+    A prompt longer than the block size is cut to its last block_size tokens first.
 
     vocab_size masks padded vocabulary entries the tokenizer cannot decode. on_token, if
     given, is called with the (B, 1) tensor of each new token as soon as it exists.

@@ -9,7 +9,7 @@ import torch
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint
 from lmkit.errors import UserError
-from lmkit.files import atomic_write_text
+from lmkit.files import atomic_write_text, ensure_writable_dirs
 from lmkit.generate import generate
 from lmkit.tokenizers import tokenizer_from_meta
 
@@ -68,6 +68,8 @@ def find_checkpoint(args, kind: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     run_flag = f" --run {args.run}" if args.run != kind else ""
+    if args.out_dir.resolve() != REPO_ROOT:
+        run_flag += f" --out-dir {args.out_dir}"
     raise UserError(f"no checkpoint in {folder}; train one first with "
                     f"`python {kind}/train.py{run_flag}`")
 
@@ -101,6 +103,15 @@ def prompt_ids(text: str, tokenizer, meta: dict, block_size: int) -> list:
               "(the model's block size)", file=sys.stderr)
         ids = ids[-block_size:]
     return ids
+
+
+def unused_path(path: Path) -> Path:
+    """path, or path with -2, -3, ... before its suffix if a file is already there."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 class Streamer:
@@ -137,7 +148,11 @@ def main(spec, default_top_k, description: str, argv=None) -> int:
     ids = prompt_ids(prompt_text, tokenizer, meta, model.config.block_size)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    streamer = Streamer(tokenizer, prompt_text) if args.stream else None
+    streamer = Streamer(tokenizer, tokenizer.decode(ids) if prompt_text else "") if args.stream else None
+
+    out_path = args.out or unused_path(args.out_dir / "samples" / args.run /
+                                       f"samples-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+    ensure_writable_dirs(out_path.parent)
 
     t0 = time.time()
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -162,8 +177,6 @@ def main(spec, default_top_k, description: str, argv=None) -> int:
         print("\n".join(blocks))
     elif len(blocks) > 1:
         print("\n".join(blocks[1:]))
-    out_path = args.out or (args.out_dir / "samples" / args.run /
-                            f"samples-{time.strftime('%Y%m%d-%H%M%S')}.txt")
     atomic_write_text(out_path, header + "\n" + "\n".join(blocks))
     n_tokens = args.num_samples * args.max_new_tokens
     print(f"{n_tokens} tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); "
