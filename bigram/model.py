@@ -27,17 +27,16 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, config: BigramConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.key = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.query = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.value = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # query, key and value of every head in one product (the lectures' three per head)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, kv_cache=None, pos=0):
         B, T, C = x.shape
-        q, k, v = (layer(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for layer in (self.query, self.key, self.value))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.qkv(x).split(C, dim=2))
         if kv_cache is not None:
             # Write this chunk's keys and values at positions pos.., attend over all so far.
             # A chunk of several tokens is only ever written at pos 0 (the prompt), so the

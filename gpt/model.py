@@ -77,6 +77,60 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the output head, x @ weight.T, without all logits at once.
+
+    The gradient of cross-entropy with respect to the logits is softmax minus one-hot, so
+    each chunk of rows computes its loss and its gradients for x and weight right away and
+    drops its logits; backward only scales them. With a 50304-token vocabulary this saves
+    most of the memory traffic of the plain logits -> log_softmax -> nll path, which is the
+    bulk of a CPU training step. The result equals F.cross_entropy(x @ weight.T, targets).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        n, device = x.size(0), x.device.type
+        # Under autocast, multiply in its dtype, casting the weight once rather than per chunk.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x_mm, weight_mm = x.to(dtype), weight.to(dtype)
+            loss = torch.zeros((), device=x.device)
+            grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
+            grad_weight = torch.zeros(weight.shape, device=x.device)
+            for start in range(0, n, chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                target_chunk = targets[rows, None]
+                logits = (x_mm[rows] @ weight_mm.t()).float()
+                logits -= logits.amax(dim=-1, keepdim=True)  # for a stable exp
+                target_logits = logits.gather(1, target_chunk)
+                probs = logits.exp_()  # unnormalised, in place
+                sums = probs.sum(dim=-1, keepdim=True)
+                loss += (sums.log() - target_logits).sum()
+                grad_logits = probs.div_(sums * n)  # softmax / n ...
+                grad_logits.scatter_add_(1, target_chunk, torch.full_like(target_logits, -1.0 / n))  # - one-hot / n
+                grad_logits = grad_logits.to(dtype)
+                grad_x[rows] = grad_logits @ weight_mm
+                grad_weight += grad_logits.t() @ x_mm[rows]
+        ctx.save_for_backward(grad_x.to(x.dtype), grad_weight)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None
+
+
+def head_loss(x, weight, targets, chunk_rows=128):
+    """Mean cross-entropy of logits x @ weight.T against targets, chunked over rows."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedHeadLoss.apply(x, weight, targets, chunk_rows)
+    loss = torch.zeros((), device=x.device)
+    for start in range(0, x.size(0), chunk_rows):
+        logits = (x[start:start + chunk_rows] @ weight.t()).float()
+        loss += F.cross_entropy(logits, targets[start:start + chunk_rows], reduction="sum")
+    return loss / x.size(0)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -113,9 +167,8 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T))
-        return logits, loss
+        # Training never needs the (B, T, vocab) logits themselves, only the loss.
+        return None, head_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
 
     def allocate_kv_cache(self, batch_size, device, dtype=torch.float32):
         """Per-layer (key, value) buffers of shape (B, n_head, block_size, head_size)."""

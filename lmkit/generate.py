@@ -33,7 +33,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              generator=None, use_cache=True, vocab_size=None, dtype=torch.float32, on_token=None):
     """Extend every row of idx (B, T) by max_new_tokens tokens; return the rows with them.

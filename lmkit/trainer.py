@@ -166,9 +166,9 @@ class Trainer:
                             f"{self.procs.world_size}", exit_code=2)
         self.accum_steps = cfg.grad_accum_steps // self.procs.world_size
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
-        self.dtype = dev.compute_dtype(self.device, cfg.dtype)
-
         self.model_config = spec.model_config(cfg, self.meta["vocab_size"])
+        self.dtype = dev.compute_dtype(self.device, cfg.dtype, large_matmuls=
+                                       cfg.n_embd >= 256 or self.model_config.vocab_size >= 8192)
         if state is not None:
             check_compatible(state, spec, self.model_config, self.meta, self.paths.last)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank

@@ -1,0 +1,159 @@
+"""Measure speed on this machine: training, sampling, matmul peak, MFU, memory, data prep.
+
+    python bench.py --model bigram --preset cpu
+    python bench.py --model gpt --steps 10 --json bench_gpt.json
+    python bench.py --model bigram --preset cpu -- --dtype float32    # any train.py flag after --
+
+Prints a table and writes the numbers as JSON. It measures; it asserts nothing.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[0] = str(Path(__file__).resolve().parent)
+from lmkit import device as dev  # noqa: E402
+from lmkit.config import parse_config  # noqa: E402
+from lmkit.errors import run_main  # noqa: E402
+from lmkit.files import atomic_write_text  # noqa: E402
+from lmkit.generate import generate  # noqa: E402
+from lmkit.schedule import lr_at  # noqa: E402
+from lmkit.trainer import Trainer  # noqa: E402
+
+
+def model_entry(name: str):
+    if name == "bigram":
+        from bigram import train
+        return train.BigramTrainConfig, train.PRESETS, train.SPEC
+    from gpt import train
+    return train.GPTTrainConfig, train.PRESETS, train.SPEC
+
+
+def matmul_peak(device, dtype, size=2048, repeats=10) -> float:
+    """Best FLOP/s of a square matmul in this dtype: the device's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        dev.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        dev.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
+
+
+def flops_per_token(model, cfg) -> float:
+    """Training FLOPs per token: 6 x matmul weights + attention (PaLM appendix B)."""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def bench_training(trainer: Trainer, steps: int, warmup: int) -> dict:
+    for step in range(warmup):
+        trainer._train_step(lr_at(step, trainer.cfg))
+    dev.synchronize(trainer.device)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        loss, _ = trainer._train_step(lr_at(warmup + step, trainer.cfg))
+    loss.item()
+    dev.synchronize(trainer.device)
+    seconds = (time.perf_counter() - t0) / steps
+    return {"ms_per_step": 1000 * seconds, "tokens_per_s": trainer.tokens_per_step / seconds}
+
+
+def bench_sampling(model, device, n_samples: int, n_tokens: int) -> dict:
+    model.eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    start = torch.zeros((1, 1), dtype=torch.long, device=device)
+    results = {}
+    for batched in (False, True):
+        for cached in (False, True):
+            generator = torch.Generator(device=device).manual_seed(0)
+            generate(model, start.repeat(n_samples if batched else 1, 1), 20, generator=generator,
+                     use_cache=cached, dtype=dtype)  # warm-up
+            dev.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(1 if batched else n_samples):
+                generate(model, start.repeat(n_samples if batched else 1, 1), n_tokens,
+                         generator=generator, use_cache=cached, dtype=dtype)
+            dev.synchronize(device)
+            name = f"{'batched' if batched else 'one_at_a_time'}_{'cache' if cached else 'no_cache'}"
+            results[name] = n_samples * n_tokens / (time.perf_counter() - t0)
+    results["speedup_batched_cache_vs_one_no_cache"] = (
+        results["batched_cache"] / results["one_at_a_time_no_cache"])
+    model.train()
+    return results
+
+
+def bench_prepare() -> float:
+    import prepare_data
+    with tempfile.TemporaryDirectory() as out:
+        cached = Path(prepare_data.__file__).parent / "data" / prepare_data.CORPUS_NAME
+        if not cached.is_file():
+            return float("nan")
+        t0 = time.perf_counter()
+        prepare_data.prepare(prepare_data.parse_args(["--input", str(cached), "--out-dir", out]))
+        return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["bigram", "gpt"], default="bigram")
+    p.add_argument("--preset", default="seed")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--sample-tokens", type=int, default=500)
+    p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--json", type=Path, default=Path("bench_results.json"))
+    args = p.parse_args(argv)
+
+    config_cls, presets, spec = model_entry(args.model)
+    with tempfile.TemporaryDirectory() as out:
+        cfg, explicit = parse_config(config_cls, presets, "", ["--preset", args.preset,
+                                                                "--out-dir", out, *extra])
+        trainer = Trainer(cfg, explicit, spec)
+        device = trainer.device
+        result = {"model": args.model, "preset": args.preset, "extra_flags": extra,
+                  "device": str(device), "device_name": torch.cuda.get_device_name(device)
+                  if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(),
+                  "dtype": str(trainer.dtype).replace("torch.", ""),
+                  "compile": cfg.compile, "params": trainer.model.num_params(),
+                  "tokens_per_step": trainer.tokens_per_step}
+        result.update(bench_training(trainer, args.steps, args.warmup))
+        peaks = {name: matmul_peak(device, dtype)
+                 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        flops = flops_per_token(trainer.model, cfg) * result["tokens_per_s"]
+        result["achieved_flops"] = flops
+        result.update({f"matmul_peak_{k}": v for k, v in peaks.items()})
+        result.update({f"mfu_vs_{k}": flops / v for k, v in peaks.items()})
+        if not args.skip_sampling:
+            result["sampling_tokens_per_s"] = bench_sampling(trainer.model, device, args.samples,
+                                                             args.sample_tokens)
+        result["peak_memory_mb"] = dev.peak_memory_bytes(device) / 2 ** 20
+    result["prepare_data_s"] = bench_prepare()
+
+    width = max(map(len, result)) + 2
+    for key, value in result.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                print(f"{key + '.' + sub:<{width + 30}} {v:,.1f}")
+        elif isinstance(value, float):
+            print(f"{key:<{width + 30}} {value:,.3f}" if value < 10 else f"{key:<{width + 30}} {value:,.0f}")
+        else:
+            print(f"{key:<{width + 30}} {value}")
+    atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
