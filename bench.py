@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parent)
-from lmkit import device as dev  # noqa: E402
-from lmkit.config import parse_config  # noqa: E402
-from lmkit.errors import run_main  # noqa: E402
-from lmkit.files import atomic_write_text  # noqa: E402
-from lmkit.generate import generate  # noqa: E402
-from lmkit.schedule import lr_at  # noqa: E402
-from lmkit.trainer import Trainer  # noqa: E402
+from lmkit import device as dev
+from lmkit.config import parse_config
+from lmkit.errors import run_main
+from lmkit.files import atomic_write_text
+from lmkit.generate import generate
+from lmkit.schedule import lr_at
+from lmkit.trainer import Trainer
 
 
 def model_entry(name: str):
@@ -68,7 +67,7 @@ def bench_training(trainer: Trainer, steps: int, warmup: int) -> dict:
 
 def bench_sampling(model, device, n_samples: int, n_tokens: int) -> dict:
     model.eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dev.inference_dtype(device)
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
     results = {}
     for batched in (False, True):
@@ -115,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-sampling", action="store_true")
     p.add_argument("--json", type=Path, default=Path("bench_results.json"))
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
 
     config_cls, presets, spec = model_entry(args.model)
     with tempfile.TemporaryDirectory() as out:

@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import json
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,10 +20,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path[0] = str(Path(__file__).resolve().parent)
-from lmkit.errors import UserError, run_main  # noqa: E402
-from lmkit.files import atomic_write_bytes, atomic_write_text, ensure_writable_dirs  # noqa: E402
-from lmkit.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
+from lmkit.errors import UserError, run_main
+from lmkit.files import atomic_write_bytes, atomic_write_text, ensure_writable_dirs
+from lmkit.tokenizers import CharTokenizer, GPT2Tokenizer
 
 TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
                         "data/tinyshakespeare/input.txt")

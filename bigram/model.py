@@ -41,6 +41,7 @@ class MultiHeadAttention(nn.Module):
             # Write this chunk's keys and values at positions pos.., attend over all so far.
             # A chunk of several tokens is only ever written at pos 0 (the prompt), so the
             # causal mask below stays aligned.
+            assert pos == 0 or T == 1, "several tokens are only written at the start"
             k_cache, v_cache = kv_cache
             k_cache[:, :, pos:pos + T] = k
             v_cache[:, :, pos:pos + T] = v

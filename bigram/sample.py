@@ -6,16 +6,15 @@
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if not __package__:  # run as a script: make the repository root importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from bigram.train import SPEC  # noqa: E402
 from lmkit import sampling  # noqa: E402
 from lmkit.errors import run_main  # noqa: E402
 
-DEFAULT_TOP_K = None  # the lectures sample from the full distribution
-
 
 def main(argv=None) -> int:
-    return sampling.main(SPEC, DEFAULT_TOP_K, __doc__, argv)
+    return sampling.main(SPEC, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class CausalSelfAttention(nn.Module):
             # Write this chunk's keys and values at positions pos.., attend over all so far.
             # A chunk of several tokens is only ever written at pos 0 (the prompt), so the
             # causal mask below stays aligned.
+            assert pos == 0 or T == 1, "several tokens are only written at the start"
             k_cache, v_cache = kv_cache
             k_cache[:, :, pos:pos + T] = k
             v_cache[:, :, pos:pos + T] = v
@@ -158,7 +159,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None, pos=0):
-        """Logits for every position (or only the last when no targets), and the mean loss."""
+        """(logits of the last position, None) without targets; (None, mean loss) with them."""
         B, T = idx.shape
         positions = torch.arange(pos, pos + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))

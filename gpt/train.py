@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if not __package__:  # run as a script: make the repository root importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from lmkit import trainer  # noqa: E402
 from lmkit.config import TrainConfig  # noqa: E402
@@ -23,12 +24,12 @@ class GPTTrainConfig(TrainConfig):
     eval_interval: int = 250
     eval_iters: int = 50
     batch_size: int = 8
-    block_size: int = 64
+    block_size: int = GPTConfig.block_size
     grad_accum_steps: int = 8
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.1
+    n_layer: int = GPTConfig.n_layer
+    n_head: int = GPTConfig.n_head
+    n_embd: int = GPTConfig.n_embd
+    dropout: float = GPTConfig.dropout
     learning_rate: float = 6e-4
     min_lr: float = 6e-5
     warmup_iters: int = -1  # a quarter of max_iters
@@ -43,7 +44,7 @@ PRESETS = {
 }
 
 SPEC = trainer.ModelSpec(kind="gpt", tokenizer="gpt2", model_cls=GPT, config_cls=GPTConfig,
-                         pad_vocab_to=64)
+                         pad_vocab_to=64, default_top_k=50)
 
 
 def main(argv=None) -> int:

@@ -49,7 +49,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (pays off on long runs)")
     sample_tokens: int = option(300, "tokens in the sample written at the end of training")
     data_dir: str = option("", "folder with train.bin, val.bin and meta.json "
-                               "(default: data/<tokenizer>)")
+                               "(default: data/<tokenizer>; --resume keeps the run's)")
+    overwrite: bool = option(False, "start afresh even if checkpoints/<run>/ already holds a run")
     out_dir: str = option("", "folder holding checkpoints/, plots/ and samples/ "
                               "(default: the repository root)")
 
@@ -57,7 +58,7 @@ class TrainConfig:
         return asdict(self)
 
 
-# Model configs subclass TrainConfig to change defaults; help and choices live here.
+# Each model's train config subclasses TrainConfig to change defaults; help and choices live here.
 BASE_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 # torchrun's own parser takes a script's "--run" for an abbreviation of its "--run-path";
@@ -65,7 +66,7 @@ BASE_FIELDS = {f.name: f for f in fields(TrainConfig)}
 ALIASES = {"run": ("--run-name",)}
 
 # Flags that only steer this invocation; they are neither saved nor restored on --resume.
-PER_INVOCATION = ("device", "resume", "run", "data_dir", "out_dir")
+PER_INVOCATION = ("device", "resume", "run", "out_dir", "overwrite")
 
 
 def _flag_help(f, seed_value, presets):

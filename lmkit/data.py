@@ -12,23 +12,28 @@ from lmkit.errors import UserError
 def load_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"no prepared data in {data_dir} (meta.json is missing); "
                         "run `python prepare_data.py` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is damaged; run `python prepare_data.py` again") from None
+    needed = ("tokenizer", "vocab_size", "n_train_tokens", "n_val_tokens", "n_val_chars")
+    if not isinstance(meta, dict) or any(k not in meta for k in needed):
+        raise UserError(f"{path} is not a meta.json written by prepare_data.py; "
+                        "run `python prepare_data.py` again or fix --data-dir")
+    return meta
 
 
 def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"{path} is missing; run `python prepare_data.py` first")
-    tokens = np.memmap(path, dtype="<u2", mode="r")
     expected = meta[f"n_{split}_tokens"]
-    if len(tokens) != expected:
-        raise UserError(f"{path} holds {len(tokens)} tokens but meta.json says {expected}; "
-                        "run `python prepare_data.py` again")
+    if path.stat().st_size != 2 * expected or expected == 0:
+        raise UserError(f"{path} holds {path.stat().st_size // 2} tokens but meta.json says "
+                        f"{expected}; run `python prepare_data.py` again")
+    tokens = np.memmap(path, dtype="<u2", mode="r")
     return tokens
 
 

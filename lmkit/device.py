@@ -21,6 +21,9 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; "
                             "use --device auto or cpu", exit_code=2)
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"process {local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                            "visible); start at most one process per GPU", exit_code=2)
         torch.cuda.set_device(local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -63,10 +66,17 @@ def compute_dtype(device: torch.device, choice: str, large_matmuls: bool = True)
     if choice == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
     if device.type == "cpu" and large_matmuls and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Generation: bfloat16 on CUDA; float32 elsewhere, where tiny per-token products gain
+    nothing from casts."""
+    return compute_dtype(device, "auto") if device.type == "cuda" else torch.float32
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -142,8 +152,8 @@ def start_processes(device_name: str) -> tuple:
     return procs, device
 
 
-def stop_processes(procs: Processes) -> None:
-    if procs.distributed and dist.is_initialized():
+def stop_processes() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -160,10 +170,3 @@ def all_gather_objects(obj, procs: Processes) -> list:
     dist.all_gather_object(gathered, obj)
     return gathered
 
-
-def broadcast_object(obj, procs: Processes):
-    if not procs.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

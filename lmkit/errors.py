@@ -1,4 +1,5 @@
 """User-facing failures: one clear sentence on stderr and a non-zero exit, never a traceback."""
+import os
 import sys
 
 
@@ -15,9 +16,21 @@ def run_main(main) -> None:
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        print("error: out of memory; use a smaller --batch-size (or --num-samples) or a smaller "
+              "model", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code or 0)
+
+
+def _out_of_memory(e: Exception) -> bool:
+    torch = sys.modules.get("torch")  # only a script that loaded torch can hit its OOM
+    return isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))

@@ -50,6 +50,8 @@ def atomic_write(path, write) -> None:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise UserError(f"no space left on the device while writing {path}; "
                             "the previous file is intact: free some space and run again") from e
+        if isinstance(e, OSError) and e.errno in (errno.EISDIR, errno.ENOTDIR):
+            raise UserError(f"cannot write {path}: it is a folder, or under a file") from e
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise UserError(f"cannot write {path} ({e.strerror}); "
                             "choose a writable folder or fix its permissions") from e

@@ -11,7 +11,7 @@ from lmkit.checkpoint import load_checkpoint
 from lmkit.errors import UserError
 from lmkit.files import atomic_write_text, ensure_writable_dirs
 from lmkit.generate import generate
-from lmkit.tokenizers import tokenizer_from_meta
+from lmkit.tokenizers import start_ids, tokenizer_from_meta
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +56,7 @@ def check_args(args) -> None:
     need(args.top_k is None or args.top_k >= 1, f"--top-k must be at least 1, got {args.top_k}")
     need(args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     need(args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both")
+    need(args.out is None or not args.out.is_dir(), f"--out {args.out} is a folder; give a file name")
 
 
 def find_checkpoint(args, kind: str) -> Path:
@@ -92,9 +93,9 @@ def load_model(state: dict, spec, device):
     return model.to(device).eval()
 
 
-def prompt_ids(text: str, tokenizer, meta: dict, block_size: int) -> list:
+def prompt_ids(text: str, tokenizer, block_size: int) -> list:
     if not text:
-        return [tokenizer.eot] if meta["tokenizer"] == "gpt2" else tokenizer.encode("\n")
+        return start_ids(tokenizer)
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give some text")
@@ -132,8 +133,8 @@ class Streamer:
         self.printed = len(text)
 
 
-def main(spec, default_top_k, description: str, argv=None) -> int:
-    args = build_parser(spec.kind, default_top_k, description).parse_args(argv)
+def main(spec, description: str, argv=None) -> int:
+    args = build_parser(spec.kind, spec.default_top_k, description).parse_args(argv)
     check_args(args)
     path = find_checkpoint(args, spec.kind)
     state = load_checkpoint(path)
@@ -145,7 +146,7 @@ def main(spec, default_top_k, description: str, argv=None) -> int:
     meta = state["meta"]
     tokenizer = tokenizer_from_meta(meta)
     prompt_text = read_prompt(args)
-    ids = prompt_ids(prompt_text, tokenizer, meta, model.config.block_size)
+    ids = prompt_ids(prompt_text, tokenizer, model.config.block_size)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tokenizer, tokenizer.decode(ids) if prompt_text else "") if args.stream else None
@@ -158,7 +159,7 @@ def main(spec, default_top_k, description: str, argv=None) -> int:
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, generator=generator, use_cache=not args.no_kv_cache,
                    vocab_size=meta["vocab_size"],
-                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                   dtype=dev.inference_dtype(device),
                    on_token=streamer)
     dev.synchronize(device)
     seconds = time.time() - t0

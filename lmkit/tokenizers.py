@@ -77,8 +77,7 @@ class CharTokenizer:
         return [self.stoi[c] for c in text]
 
     def encode_array(self, text: str) -> np.ndarray:
-        table = {c: i for c, i in self.stoi.items()}
-        return np.fromiter((table[c] for c in text), dtype=np.uint16, count=len(text))
+        return np.fromiter((self.stoi[c] for c in text), dtype=np.uint16, count=len(text))
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -105,3 +104,11 @@ def tokenizer_from_meta(meta: dict):
     if meta["tokenizer"] == "gpt2":
         return GPT2Tokenizer()
     raise UserError(f"unknown tokenizer {meta['tokenizer']!r}; re-run `python prepare_data.py`")
+
+
+def start_ids(tokenizer) -> list:
+    """What generation starts from without a prompt: <|endoftext|> for GPT-2, else a newline
+    (or the first character when the text had none)."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return [tokenizer.eot]
+    return [tokenizer.stoi.get("\n", 0)]

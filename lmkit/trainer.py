@@ -26,7 +26,7 @@ from lmkit.files import atomic_write_text, ensure_writable_dirs, remove_stale_te
 from lmkit.generate import generate
 from lmkit.plotting import plot_losses
 from lmkit.schedule import lr_at
-from lmkit.tokenizers import tokenizer_from_meta
+from lmkit.tokenizers import start_ids, tokenizer_from_meta
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRIC_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen", "elapsed_s",
@@ -41,6 +41,7 @@ class ModelSpec:
     model_cls: type
     config_cls: type      # the model's config dataclass
     pad_vocab_to: int = 1  # round the tokenizer's vocabulary up to a multiple of this
+    default_top_k: int = None  # sampling's default --top-k
 
     def model_config(self, cfg, vocab_size: int):
         vocab = -(-vocab_size // self.pad_vocab_to) * self.pad_vocab_to
@@ -78,9 +79,10 @@ class RunPaths:
 class StopRequest:
     """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
         self.previous = None
+        self.announce = announce
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -90,7 +92,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+        if self.announce:
+                print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -122,7 +125,7 @@ def check_compatible(state: dict, spec: ModelSpec, model_config, meta: dict, pat
         diffs.append("character vocabulary of the data")
     saved = state["model_config"]
     for name, value in vars(model_config).items():
-        if saved.get(name) != value:
+        if name != "dropout" and saved.get(name) != value:
             diffs.append(f"{name} {saved.get(name)} -> {value}")
     if diffs:
         raise UserError(f"cannot resume from {path}: it differs in {', '.join(diffs)}; drop the "
@@ -137,9 +140,12 @@ class Trainer:
         out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO_ROOT
         self.paths = RunPaths.for_run(out_dir, self.run)
         if self.procs.is_main:
-            remove_stale_temp_files(self.paths.checkpoints)
-        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_ROOT / "data" / spec.tokenizer
+            for folder in (self.paths.checkpoints, self.paths.plots, self.paths.samples):
+                remove_stale_temp_files(folder)
         state = None
+        if not cfg.resume and not cfg.overwrite and self.paths.last.is_file():
+            raise UserError(f"{self.paths.checkpoints} already holds a run; continue it with "
+                            f"--resume, start another with --run NAME, or replace it with --overwrite")
         if cfg.resume:
             if not self.paths.last.is_file():
                 raise UserError(f"nothing to resume: {self.paths.last} does not exist; train "
@@ -148,6 +154,7 @@ class Trainer:
             cfg = resolve_config(cfg, explicit, state["train_config"])
         validate(cfg)
         self.cfg = cfg
+        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_ROOT / "data" / spec.tokenizer
         if self.procs.is_main:
             ensure_writable_dirs(self.paths.checkpoints, self.paths.plots, self.paths.samples)
         self.meta = load_meta(self.data_dir)
@@ -176,7 +183,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.sampler = BatchSampler(self.train_tokens, cfg.block_size, cfg.batch_size, seed=cfg.seed)
         torch.manual_seed(cfg.seed + 1000 * self.procs.rank + 1)  # dropout differs per rank
-        self.step, self.metrics, self.elapsed = 0, [], 0.0
+        self.step, self.saved_step, self.tokens_seen = 0, 0, 0
+        self.metrics, self.elapsed = [], 0.0
         self.best_val = math.inf
         if state is not None:
             self._restore(state)
@@ -191,7 +199,12 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
+        # load_state_dict brings back the saved hyperparameters; flags given now win.
+        fresh = make_optimizer(self.model, self.cfg, self.device)
+        for group, wanted in zip(self.optimizer.param_groups, fresh.param_groups):
+            group.update({k: v for k, v in wanted.items() if k != "params"})
+        self.step = self.saved_step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
         self.metrics = list(state["metrics"])
         self.elapsed = state["elapsed_s"]
         self.best_val = state["best_val_loss"]
@@ -223,6 +236,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
+            "tokens_seen": self.tokens_seen,
             "metrics": list(self.metrics),
             "best_val_loss": self.best_val,
             "elapsed_s": self.elapsed,
@@ -273,13 +287,12 @@ class Trainer:
 
     def write_sample(self) -> Path:
         tokenizer = tokenizer_from_meta(self.meta)
-        start = tokenizer.eot if self.meta["tokenizer"] == "gpt2" else tokenizer.encode("\n")[0]
-        idx = torch.tensor([[start]], device=self.device)
+        idx = torch.tensor([start_ids(tokenizer)], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.model.eval()
-        out = generate(self.model, idx, self.cfg.sample_tokens, top_k=50 if self.spec.kind == "gpt" else None,
+        out = generate(self.model, idx, self.cfg.sample_tokens, top_k=self.spec.default_top_k,
                        generator=generator, vocab_size=self.meta["vocab_size"],
-                       dtype=self.dtype if self.device.type == "cuda" else torch.float32)
+                       dtype=dev.inference_dtype(self.device))
         self.model.train()
         text = tokenizer.decode(out[0, 1:].tolist())
         path = self.paths.samples / "train_sample.txt"
@@ -295,6 +308,7 @@ class Trainer:
         if not self.procs.is_main:
             return
         save_checkpoint(self.paths.last, state)
+        self.saved_step = self.step
         if is_best:
             save_checkpoint(self.paths.best, state)
         self._write_metrics()
@@ -327,13 +341,18 @@ class Trainer:
         return dev.all_reduce_sum(flag, self.procs).item() > 0
 
     def _fail_non_finite(self, step: int) -> None:
-        saved = f"{self.paths.last} still holds step {self.metrics[-1]['step']}" if self.metrics \
-            else "no checkpoint was written"
+        saved = (f"{self.paths.last} still holds step {self.saved_step}" if self.saved_step
+                 else "no checkpoint was written")
         raise UserError(f"the loss or gradient became non-finite at step {step}; stopped without "
                         f"saving ({saved}); lower --learning-rate or check the data")
 
     def fit(self) -> int:
         cfg, main = self.cfg, self.procs.is_main
+        if self.step >= cfg.max_iters:
+            if main:
+                print(f"{self.paths.last} is already at step {self.step}; nothing to do "
+                      "(raise --max-iters to train on)")
+            return 0
         if main:
             print(f"{self.spec.kind}: {self.model.num_params():,} parameters, device "
                   f"{self.device}, {str(self.dtype).replace('torch.', '')}, "
@@ -343,15 +362,16 @@ class Trainer:
         bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (main and sys.stderr.isatty()),
                    dynamic_ncols=True)
         window_losses, window_start = [], time.time()
-        train_time, tokens_at_eval = 0.0, self.step * self.tokens_per_step
+        train_time, tokens_at_eval = 0.0, self.tokens_seen
         elapsed_before, run_start = self.elapsed, time.time()
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         stopped = False
-        with StopRequest() as stop:
+        with StopRequest(announce=main) as stop:
             while self.step < cfg.max_iters:
                 t0 = time.time()
                 loss, grad_norm = self._train_step(lr_at(self.step, cfg))
                 self.step += 1
+                self.tokens_seen += self.tokens_per_step
                 bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
                 first_bad = torch.where(bad & (first_bad < 0), self.step, first_bad)
                 window_losses.append(loss)
@@ -361,7 +381,8 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or at_eval or stopped:
                     if first_bad.item() >= 0:
                         self._fail_non_finite(first_bad.item())
-                    mean_loss = torch.stack(window_losses).mean().item()
+                    mean_loss = dev.all_reduce_sum(torch.stack(window_losses).mean(),
+                                                   self.procs).item() / self.procs.world_size
                     rate = len(window_losses) * self.tokens_per_step / max(time.time() - window_start, 1e-9)
                     window_losses, window_start = [], time.time()
                     if main:
@@ -372,7 +393,7 @@ class Trainer:
                             print(f"step {self.step}/{cfg.max_iters}  loss {mean_loss:.4f}  "
                                   f"lr {lr:.2e}  {rate:,.0f} tokens/s", flush=True)
                 if at_eval:
-                    tokens = self.step * self.tokens_per_step
+                    tokens = self.tokens_seen
                     result = self.evaluate()
                     self.elapsed = elapsed_before + time.time() - run_start
                     if not math.isfinite(result["val_loss"]):
@@ -397,7 +418,8 @@ class Trainer:
             if main:
                 print(f"stopped at step {self.step}; {self.paths.last} is saved. Continue with:\n"
                       f"  python {self.spec.kind}/train.py --resume"
-                      + (f" --run {self.run}" if self.run != self.spec.kind else ""))
+                      + (f" --run {self.run}" if self.run != self.spec.kind else "")
+                      + (f" --out-dir {self.cfg.out_dir}" if self.cfg.out_dir else ""))
             return 130
         if main:
             sample = self.write_sample() if cfg.sample_tokens else None
@@ -411,8 +433,7 @@ class Trainer:
 
 def main(config_cls, presets: dict, spec: ModelSpec, description: str, argv=None) -> int:
     cfg, explicit = parse_config(config_cls, presets, description, argv)
-    trainer = Trainer(cfg, explicit, spec)
     try:
-        return trainer.fit()
+        return Trainer(cfg, explicit, spec).fit()
     finally:
-        dev.stop_processes(trainer.procs)
+        dev.stop_processes()

@@ -167,7 +167,7 @@ def test_cached_equals_uncached_for_trained_checkpoints(kind, trained):
     from the same start token sample.py uses, gpt's padded vocabulary masked)."""
     model, tokenizer, state = trained_model(trained, kind)
     meta, block = state["meta"], model.config.block_size
-    start = sampling.prompt_ids("", tokenizer, meta, block)
+    start = sampling.prompt_ids("", tokenizer, block)
     idx = torch.tensor([start] * 2)
     kw = dict(vocab_size=meta["vocab_size"], top_k=50 if kind == "gpt" else None)
     cached = generate(model, idx, block - 1, use_cache=True, generator=gen(11), **kw)
@@ -225,9 +225,9 @@ def test_greedy_is_deterministic_and_ignores_the_seed(kind):
 def test_empty_prompt_starts_from_newline_or_endoftext(trained):
     """An empty prompt starts the char model from "\\n" and the gpt model from <|endoftext|>."""
     _, char_tok, char_state = trained_model(trained, "bigram")
-    assert sampling.prompt_ids("", char_tok, char_state["meta"], 16) == [char_tok.stoi["\n"]]
+    assert sampling.prompt_ids("", char_tok, 16) == [char_tok.stoi["\n"]]
     _, gpt_tok, gpt_state = trained_model(trained, "gpt")
-    ids = sampling.prompt_ids("", gpt_tok, gpt_state["meta"], 32)
+    ids = sampling.prompt_ids("", gpt_tok, 32)
     assert ids == [gpt_tok.eot]
     assert gpt_tok.decode(ids) == "<|endoftext|>"
 
@@ -375,7 +375,7 @@ def test_same_second_runs_keep_both_sample_files(trained, tmp_path, monkeypatch,
     shutil.copytree(trained / "checkpoints" / "bigram", tmp_path / "checkpoints" / "bigram")
     monkeypatch.setattr(sampling.time, "strftime", lambda *a, **k: "20250101-120000")
     for seed in (1, 2):
-        assert sampling.main(BIGRAM_SPEC, None, "", ["--out-dir", str(tmp_path), "--device", "cpu",
+        assert sampling.main(BIGRAM_SPEC, "", ["--out-dir", str(tmp_path), "--device", "cpu",
                                                      "--seed", str(seed), "--max-new-tokens", "20"]) == 0
     capsys.readouterr()
     assert len(new_sample_files(tmp_path, "bigram")) == 2
@@ -465,3 +465,14 @@ def test_checkpoint_of_the_other_model_names_the_right_script(trained, tmp_path,
     assert r.returncode == 1
     assert f"{other}/sample.py" in one_error_line(r.stderr)
     assert not (tmp_path / "samples").exists()
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe bad bytes"])
+def test_prompt_file_missing_or_not_utf8(content, trained, tmp_path):
+    path = tmp_path / "prompt.txt"
+    if content is not None:
+        path.write_bytes(content)
+    result = run_script("bigram/sample.py", "--out-dir", trained, "--prompt-file", path,
+                        "--max-new-tokens", 5)
+    assert result.returncode == 1 and str(path) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -208,3 +208,63 @@ def test_missing_data_says_run_prepare(tmp_path):
 def test_block_size_longer_than_val_split_is_refused(prepared, tmp_path):
     with pytest.raises(UserError, match="longer than the validation split"):
         bigram_main(tiny_flags(prepared / "char", tmp_path, block_size=100_000))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_a_bad_flag(prepared, tmp_path):
+    result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path, device="cuda"))
+    assert result.returncode == 2 and "sees no CUDA GPU" in result.stderr
+
+
+def test_split_that_disagrees_with_meta_says_prepare_again(prepared, tmp_path):
+    data = tmp_path / "char"
+    data.mkdir()
+    for name in ("meta.json", "train.bin"):
+        (data / name).write_bytes((prepared / "char" / name).read_bytes())
+    (data / "val.bin").write_bytes((prepared / "char" / "val.bin").read_bytes()[:-20])
+    with pytest.raises(UserError, match=r"val.bin holds .* run `python prepare_data.py` again"):
+        bigram_main(tiny_flags(data, tmp_path))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_head_loss_equals_plain_cross_entropy(autocast):
+    """The GPT head's chunked loss gives F.cross_entropy's loss and gradients."""
+    from gpt.model import head_loss
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, requires_grad=True)
+    weight = (0.5 * torch.randn(1000, 32)).requires_grad_()
+    targets = torch.randint(0, 1000, (300,))
+    results = []
+    for loss_fn in (lambda: head_loss(x, weight, targets, chunk_rows=64),
+                    lambda: torch.nn.functional.cross_entropy((x @ weight.t()).float(), targets)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        (3 * loss).backward()
+        results.append((loss.detach(), x.grad.clone(), weight.grad.clone()))
+        x.grad = weight.grad = None
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for ours, plain in zip(*results):
+        torch.testing.assert_close(ours, plain, **tol)
+    with torch.no_grad():
+        plain = torch.nn.functional.cross_entropy(x @ weight.t(), targets)
+        torch.testing.assert_close(head_loss(x, weight, targets, 64), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_run_never_silently_replaces_an_old_one(prepared, tmp_path):
+    flags = tiny_flags(prepared / "char", tmp_path, max_iters=6)
+    assert bigram_main(flags) == 0
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
+        bigram_main(flags)
+    assert bigram_main(flags + ["--overwrite", "--seed", "7"]) == 0
+
+
+def test_resume_keeps_data_dir_and_applies_new_optimizer_flags(prepared, tmp_path):
+    """Left-out flags (here --data-dir) come from the checkpoint; given ones (weight decay,
+    dropout) take effect."""
+    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6, weight_decay=0.1)) == 0
+    assert bigram_main(["--resume", "--max-iters", "12", "--weight-decay", "0.05", "--dropout", "0.1",
+                        "--out-dir", str(tmp_path)]) == 0
+    state = torch.load(tmp_path / "checkpoints/bigram/last.pt", weights_only=True)
+    assert state["train_config"]["data_dir"] == str(prepared / "char")
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.05, 0.0]
+    assert state["model_config"]["dropout"] == 0.1 and state["tokens_seen"] == 12 * 4 * 16

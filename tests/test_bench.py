@@ -1,0 +1,22 @@
+"""bench.py runs end to end and writes its JSON (it measures; no speed is asserted here)."""
+import json
+
+from conftest import run_script
+
+
+def test_bench_writes_every_measurement(prepared, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script("bench.py", "--model", "bigram", "--preset", "cpu", "--steps", 2,
+                        "--warmup", 1, "--samples", 2, "--sample-tokens", 8, "--json", out, "--",
+                        "--data-dir", prepared / "char", "--n-layer", 1, "--n-embd", 16,
+                        "--n-head", 2, "--block-size", 16, "--batch-size", 4, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    for key in ("tokens_per_s", "ms_per_step", "matmul_peak_fp32", "matmul_peak_bf16",
+                "mfu_vs_fp32", "mfu_vs_bf16", "peak_memory_mb", "prepare_data_s"):
+        assert key in numbers
+    assert numbers["tokens_per_s"] > 0 and numbers["params"] > 0
+    assert set(numbers["sampling_tokens_per_s"]) == {
+        "one_at_a_time_no_cache", "one_at_a_time_cache", "batched_no_cache", "batched_cache",
+        "speedup_batched_cache_vs_one_no_cache"}
+    assert "tokens_per_s" in result.stdout
