@@ -124,8 +124,8 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, explicit, spec)
         device = trainer.device
         result = {"model": args.model, "preset": args.preset, "extra_flags": extra,
-                  "device": str(device), "device_name": torch.cuda.get_device_name(device)
-                  if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(),
+                  "device": str(device), "device_name": dev.device_name(device),
+                  "threads": torch.get_num_threads(),
                   "dtype": str(trainer.dtype).replace("torch.", ""),
                   "compile": cfg.compile, "params": trainer.model.num_params(),
                   "tokens_per_step": trainer.tokens_per_step}

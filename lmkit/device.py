@@ -73,6 +73,24 @@ def compute_dtype(device: torch.device, choice: str, large_matmuls: bool = True)
     return torch.float32
 
 
+def has_fused_adamw(device: torch.device) -> bool:
+    return device.type in ("cuda", "cpu")
+
+
+def ddp_device_ids(device: torch.device):
+    """DistributedDataParallel's device_ids: this rank's GPU, or None on CPUs."""
+    return [device.index] if device.type == "cuda" else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+        return platform.processor() or platform.machine()
+    return device.type
+
+
 def inference_dtype(device: torch.device) -> torch.dtype:
     """Generation: bfloat16 on CUDA; float32 elsewhere, where tiny per-token products gain
     nothing from casts."""

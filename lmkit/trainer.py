@@ -104,7 +104,7 @@ def make_optimizer(model, cfg, device) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
+                             eps=cfg.eps, fused=dev.has_fused_adamw(device))
 
 
 def resolve_config(cfg, explicit: dict, saved: dict):
@@ -192,8 +192,8 @@ class Trainer:
         if cfg.compile:
             self.forward_model = torch.compile(self.model)
         if self.procs.distributed:
-            self.forward_model = DistributedDataParallel(
-                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.forward_model = DistributedDataParallel(self.forward_model,
+                                                         device_ids=dev.ddp_device_ids(self.device))
 
     # ---- state -------------------------------------------------------------------------
     def _restore(self, state: dict) -> None:

@@ -476,3 +476,9 @@ def test_prompt_file_missing_or_not_utf8(content, trained, tmp_path):
                         "--max-new-tokens", 5)
     assert result.returncode == 1 and str(path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_out_that_is_a_folder_is_a_bad_flag(trained, tmp_path):
+    result = run_script("bigram/sample.py", "--out-dir", trained, "--out", tmp_path,
+                        "--max-new-tokens", 5)
+    assert result.returncode == 2 and "is a folder" in result.stderr
