@@ -8,7 +8,7 @@ from lmkit.errors import UserError
 from lmkit.files import atomic_write
 
 REQUIRED_KEYS = ("kind", "model_config", "train_config", "model", "optimizer", "step",
-                 "tokens_seen", "metrics", "best_val_loss", "elapsed_s", "rank_states", "meta")
+                 "tokens_seen", "metrics", "loss_curve", "best_val_loss", "elapsed_s", "rank_states", "meta")
 SIBLINGS = {"last.pt": "best.pt", "best.pt": "last.pt"}
 
 

@@ -4,8 +4,9 @@ import io
 from lmkit.files import atomic_write_bytes
 
 
-def plot_losses(path, metrics: list, schedule_steps: list, schedule_lrs: list,
+def plot_losses(path, metrics: list, loss_curve: list, schedule_steps: list, schedule_lrs: list,
                 tokens_per_step: int, title: str) -> None:
+    """metrics: one dict per evaluation; loss_curve: [step, running training loss] pairs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -13,8 +14,13 @@ def plot_losses(path, metrics: list, schedule_steps: list, schedule_lrs: list,
     steps = [m["step"] for m in metrics]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
                                     gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot(steps, [m["train_loss"] for m in metrics], "o-", label="train loss", ms=3)
-    ax.plot(steps, [m["val_loss"] for m in metrics], "s-", label="val loss (whole split)", ms=3)
+    if loss_curve:
+        ax.plot([p[0] for p in loss_curve], [p[1] for p in loss_curve], color="tab:blue",
+                alpha=0.3, lw=1, label="train loss (running)")
+    ax.plot(steps, [m["train_loss"] for m in metrics], "o-", label="train loss (eval)", ms=3,
+            color="tab:blue")
+    ax.plot(steps, [m["val_loss"] for m in metrics], "s-", label="val loss (whole split)", ms=3,
+            color="tab:orange")
     if metrics:
         best = min(metrics, key=lambda m: m["val_loss"])
         ax.plot([best["step"]], [best["val_loss"]], "*", ms=14, color="tab:red",

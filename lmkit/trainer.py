@@ -185,6 +185,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1000 * self.procs.rank + 1)  # dropout differs per rank
         self.step, self.saved_step, self.tokens_seen = 0, 0, 0
         self.metrics, self.elapsed = [], 0.0
+        self.loss_curve = []  # [step, mean training loss since the previous log] pairs
         self.best_val = math.inf
         if state is not None:
             self._restore(state)
@@ -206,6 +207,7 @@ class Trainer:
         self.step = self.saved_step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.metrics = list(state["metrics"])
+        self.loss_curve = [list(p) for p in state["loss_curve"]]
         self.elapsed = state["elapsed_s"]
         self.best_val = state["best_val_loss"]
         ranks = state["rank_states"]
@@ -238,6 +240,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "metrics": list(self.metrics),
+            "loss_curve": [list(p) for p in self.loss_curve],
             "best_val_loss": self.best_val,
             "elapsed_s": self.elapsed,
             "rank_states": ranks,
@@ -281,9 +284,10 @@ class Trainer:
     def _plot(self) -> None:
         stride = max(1, self.cfg.max_iters // 500)
         steps = list(range(0, self.cfg.max_iters + 1, stride))
-        plot_losses(self.paths.plot, self.metrics, steps, [lr_at(s, self.cfg) for s in steps],
-                    self.tokens_per_step,
-                    f"{self.run}: {self.spec.kind}, {self.model.num_params() / 1e6:.2f}M params")
+        name = self.run if self.run == self.spec.kind else f"{self.run} ({self.spec.kind})"
+        plot_losses(self.paths.plot, self.metrics, self.loss_curve, steps,
+                    [lr_at(s, self.cfg) for s in steps], self.tokens_per_step,
+                    f"{name}: {self.model.num_params() / 1e6:.2f}M parameters")
 
     def write_sample(self) -> Path:
         tokenizer = tokenizer_from_meta(self.meta)
@@ -385,6 +389,7 @@ class Trainer:
                                                    self.procs).item() / self.procs.world_size
                     rate = len(window_losses) * self.tokens_per_step / max(time.time() - window_start, 1e-9)
                     window_losses, window_start = [], time.time()
+                    self.loss_curve.append([self.step, mean_loss])
                     if main:
                         lr = lr_at(self.step - 1, cfg)
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")

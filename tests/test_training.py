@@ -49,6 +49,8 @@ def test_loss_falls_and_outputs_are_written(kind, prepared, tmp_path):
     state = torch.load(tmp_path / "checkpoints" / kind / "last.pt", weights_only=True)
     assert state["step"] == 30 and state["meta"]["tokenizer"] == tokenizer
     assert [m["step"] for m in state["metrics"]] == [10, 20, 30]
+    curve_steps = [p[0] for p in state["loss_curve"]]  # logged every 3 steps and at each eval
+    assert curve_steps == sorted(set(range(3, 31, 3)) | {10, 20, 30})
 
 
 def test_val_bpc_is_val_loss_in_bits_per_character(prepared, tmp_path):
