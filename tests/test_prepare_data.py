@@ -440,28 +440,21 @@ def test_download_checksum_mismatch_fails_cleanly(tmp_path, corpus_server, path)
     assert_nothing_written(out)
 
 
-def test_download_http_error_fails_cleanly(tmp_path, corpus_server):
-    """An HTTP 404 from the server: a clear error, exit 1, nothing saved."""
+@pytest.mark.parametrize("case,expected", [
+    ("http 404", ("could not download",)),
+    ("server down", ("could not download", "--input")),
+    ("dropped mid-file", ("could not download",)),
+])
+def test_failed_download_fails_cleanly(case, expected, tmp_path, request):
+    """A 404, a refused connection, or a server that hangs up half-way through the file:
+    a clear error pointing at --input / --url, exit 1, nothing saved."""
+    if case == "server down":
+        url = request.getfixturevalue("dead_url")
+    else:
+        server = request.getfixturevalue("corpus_server")
+        url = server + ("/missing" if case == "http 404" else "/dropped.txt")
     out = tmp_path / "out"
-    result = run_script("prepare_data.py", "--out-dir", out, "--url", f"{corpus_server}/missing",
-                        env=no_proxy_env(), timeout=60)
-    assert_clean_error(result, "could not download")
-    assert_nothing_written(out)
-
-
-def test_server_down_fails_cleanly(tmp_path, dead_url):
-    """Connection refused: a clear error pointing at --input / --url, exit 1, nothing written."""
-    out = tmp_path / "out"
-    result = run_script("prepare_data.py", "--out-dir", out, "--url", dead_url,
-                        env=no_proxy_env(), timeout=60)
-    assert_clean_error(result, "could not download", "--input")
-    assert_nothing_written(out)
-
-
-def test_connection_dropped_mid_download_fails_cleanly(tmp_path, corpus_server):
-    """The server hangs up half-way through the file: a clear error, exit 1, nothing saved."""
-    out = tmp_path / "out"
-    result = run_script("prepare_data.py", "--out-dir", out, "--url", f"{corpus_server}/dropped.txt",
-                        env=no_proxy_env(), timeout=60)
-    assert_clean_error(result, "could not download")
+    result = run_script("prepare_data.py", "--out-dir", out, "--url", url, env=no_proxy_env(),
+                        timeout=60)
+    assert_clean_error(result, *expected)
     assert_nothing_written(out)
