@@ -134,6 +134,10 @@ def prepare(args) -> dict:
     if not 0 < args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5], got {args.val_fraction}")
     ensure_writable_dirs(args.out_dir)
+    for folder in (args.out_dir / "char", args.out_dir / "gpt2"):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, but the splits go in a folder of that name; "
+                            "move it away or choose another --out-dir")
     raw, name = read_source(args)
     text = decode_text(raw, name)
     train_text, val_text = split_text(text, args.val_fraction)

@@ -7,8 +7,8 @@ import torch
 from lmkit.errors import UserError
 from lmkit.files import atomic_write
 
-REQUIRED_KEYS = ("kind", "model_config", "train_config", "model", "optimizer", "step",
-                 "tokens_seen", "metrics", "loss_curve", "best_val_loss", "elapsed_s", "rank_states", "meta")
+# What sampling needs; training's --resume checks for more (lmkit.trainer.RESUME_KEYS).
+REQUIRED_KEYS = ("kind", "model_config", "model", "step", "metrics", "meta")
 SIBLINGS = {"last.pt": "best.pt", "best.pt": "last.pt"}
 
 

@@ -7,22 +7,38 @@ import torch
 
 from lmkit.device import to_device
 from lmkit.errors import UserError
+from lmkit.tokenizers import GPT2_VOCAB_SIZE
 
 
 def load_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
+    hint = ""
+    if (Path(data_dir) / "char" / "meta.json").is_file():
+        hint = f" (did you mean {Path(data_dir) / 'char'} or {Path(data_dir) / 'gpt2'}?)"
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no prepared data in {data_dir} (meta.json is missing); "
-                        "run `python prepare_data.py` first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"no prepared data in {data_dir}{hint}; run `python prepare_data.py` "
+                        "first, or fix --data-dir") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is damaged; run `python prepare_data.py` again") from None
-    needed = ("tokenizer", "vocab_size", "n_train_tokens", "n_val_tokens", "n_val_chars")
-    if not isinstance(meta, dict) or any(k not in meta for k in needed):
+    if not _meta_is_sound(meta):
         raise UserError(f"{path} is not a meta.json written by prepare_data.py; "
                         "run `python prepare_data.py` again or fix --data-dir")
     return meta
+
+
+def _meta_is_sound(meta) -> bool:
+    counts = ("vocab_size", "n_train_tokens", "n_val_tokens", "n_train_chars", "n_val_chars")
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
+        return False
+    if not all(isinstance(meta.get(k), int) and meta[k] >= 1 for k in counts):
+        return False
+    if meta["tokenizer"] == "gpt2":
+        return meta["vocab_size"] == GPT2_VOCAB_SIZE
+    chars = meta.get("chars")
+    return (isinstance(chars, list) and len(chars) == meta["vocab_size"]
+            and all(isinstance(c, str) and len(c) == 1 for c in chars))
 
 
 def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
@@ -34,6 +50,9 @@ def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
         raise UserError(f"{path} holds {path.stat().st_size // 2} tokens but meta.json says "
                         f"{expected}; run `python prepare_data.py` again")
     tokens = np.memmap(path, dtype="<u2", mode="r")
+    if int(tokens.max()) >= meta["vocab_size"]:
+        raise UserError(f"{path} holds token ids beyond meta.json's vocabulary of "
+                        f"{meta['vocab_size']}; run `python prepare_data.py` again")
     return tokens
 
 

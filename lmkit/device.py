@@ -21,9 +21,10 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; "
                             "use --device auto or cpu", exit_code=2)
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"process {local_rank} has no GPU of its own ({torch.cuda.device_count()} "
-                            "visible); start at most one process per GPU", exit_code=2)
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_procs > torch.cuda.device_count():  # checked on every rank, so rank 0 says it
+            raise UserError(f"{local_procs} processes per machine but {torch.cuda.device_count()} "
+                            "GPUs; start at most one process per GPU", exit_code=2)
         torch.cuda.set_device(local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -71,6 +72,11 @@ def compute_dtype(device: torch.device, choice: str, large_matmuls: bool = True)
     if device.type == "cpu" and large_matmuls and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """For summing many losses: float64, except on Apple GPUs, which have none."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def has_fused_adamw(device: torch.device) -> bool:

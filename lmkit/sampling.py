@@ -84,6 +84,8 @@ def read_prompt(args) -> str:
         raise UserError(f"prompt file {args.prompt_file} does not exist") from None
     except UnicodeDecodeError:
         raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {args.prompt_file} ({e.strerror})") from None
 
 
 def load_model(state: dict, spec, device):

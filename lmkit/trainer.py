@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,9 @@ from lmkit.schedule import lr_at
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What --resume needs beyond what sampling needs (see lmkit.checkpoint.REQUIRED_KEYS).
+RESUME_KEYS = ("train_config", "optimizer", "tokens_seen", "loss_curve", "best_val_loss",
+               "elapsed_s", "rank_states")
 METRIC_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen", "elapsed_s",
                  "tokens_per_s")
 
@@ -143,18 +146,25 @@ class Trainer:
             for folder in (self.paths.checkpoints, self.paths.plots, self.paths.samples):
                 remove_stale_temp_files(folder)
         state = None
-        if not cfg.resume and not cfg.overwrite and self.paths.last.is_file():
-            raise UserError(f"{self.paths.checkpoints} already holds a run; continue it with "
-                            f"--resume, start another with --run NAME, or replace it with --overwrite")
         if cfg.resume:
             if not self.paths.last.is_file():
                 raise UserError(f"nothing to resume: {self.paths.last} does not exist; train "
                                 f"without --resume first (python {spec.kind}/train.py)")
             state = load_checkpoint(self.paths.last)
-            cfg = resolve_config(cfg, explicit, state["train_config"])
+            cfg = resolve_config(cfg, explicit, state.get("train_config", {}))
         validate(cfg)
+        if cfg.data_dir:  # remembered for --resume, which may run from another folder
+            cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
         self.cfg = cfg
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_ROOT / "data" / spec.tokenizer
+        if not cfg.resume and self.paths.last.is_file():
+            if not cfg.overwrite:
+                raise UserError(f"{self.paths.checkpoints} already holds a run; continue it with "
+                                "--resume, start another with --run NAME, or replace it with "
+                                "--overwrite")
+            if self.procs.is_main:  # no file of the old run may outlive the start of the new one
+                for old in (self.paths.last, self.paths.best, self.paths.metrics, self.paths.plot):
+                    old.unlink(missing_ok=True)
         if self.procs.is_main:
             ensure_writable_dirs(self.paths.checkpoints, self.paths.plots, self.paths.samples)
         self.meta = load_meta(self.data_dir)
@@ -198,6 +208,11 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------
     def _restore(self, state: dict) -> None:
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise UserError(f"{self.paths.last} lacks {', '.join(missing)} (written by an older "
+                            "version of this project); it can still be sampled, but start a new "
+                            "run to train on")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         # load_state_dict brings back the saved hyperparameters; flags given now win.
@@ -254,18 +269,18 @@ class Trainer:
         eval_iters random batches, and val bits per character."""
         cfg, model = self.cfg, self.model
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(4, dtype=dev.accumulator_dtype(self.device), device=self.device)
         windows = eval_windows(self.val_tokens, cfg.block_size)[self.procs.rank::self.procs.world_size]
         with dev.autocast(self.device, self.dtype):
             for x, y in window_batches(self.val_tokens, windows, cfg.batch_size, self.device):
                 _, loss = model(x, y)
-                sums[0] += loss.double() * y.numel()
+                sums[0] += loss.to(sums.dtype) * y.numel()
                 sums[1] += y.numel()
             train_sampler = BatchSampler(self.train_tokens, cfg.block_size, cfg.batch_size,
                                          seed=cfg.seed + 1000 * self.procs.rank + 104729 * self.step)
             for _ in range(self.procs.rank, cfg.eval_iters, self.procs.world_size):
                 _, loss = model(*train_sampler.next_batch(self.device))
-                sums[2] += loss.double()
+                sums[2] += loss.to(sums.dtype)
                 sums[3] += 1
         model.train()
         val_loss, n_val, train_loss, n_train = dev.all_reduce_sum(sums, self.procs).tolist()
@@ -369,7 +384,7 @@ class Trainer:
         train_time, tokens_at_eval = 0.0, self.tokens_seen
         elapsed_before, run_start = self.elapsed, time.time()
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-        stopped = False
+        stopped = at_eval = False
         with StopRequest(announce=main) as stop:
             while self.step < cfg.max_iters:
                 t0 = time.time()
@@ -380,9 +395,13 @@ class Trainer:
                 first_bad = torch.where(bad & (first_bad < 0), self.step, first_bad)
                 window_losses.append(loss)
                 at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
-                stopped = (self._stop_agreed(stop) if self.procs.distributed else stop.requested)
+                at_log = self.step % cfg.log_interval == 0 or at_eval
+                if not self.procs.distributed:
+                    stopped = stop.requested
+                elif at_log:  # ranks agree at log steps only, to keep the hot loop sync-free
+                    stopped = self._stop_agreed(stop)
                 train_time += time.time() - t0
-                if self.step % cfg.log_interval == 0 or at_eval or stopped:
+                if at_log or stopped:
                     if first_bad.item() >= 0:
                         self._fail_non_finite(first_bad.item())
                     mean_loss = dev.all_reduce_sum(torch.stack(window_losses).mean(),

@@ -270,3 +270,30 @@ def test_resume_keeps_data_dir_and_applies_new_optimizer_flags(prepared, tmp_pat
     assert state["train_config"]["data_dir"] == str(prepared / "char")
     assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.05, 0.0]
     assert state["model_config"]["dropout"] == 0.1 and state["tokens_seen"] == 12 * 4 * 16
+
+
+@pytest.mark.parametrize("change", [
+    {"n_val_chars": 0}, {"vocab_size": "65"}, {"chars": ["a"]}, {"tokenizer": "bytes"}, "list"])
+def test_foreign_meta_json_is_refused(change, prepared, tmp_path):
+    """A meta.json that prepare_data.py did not write is refused before any training."""
+    import json
+    data = tmp_path / "char"
+    data.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (data / name).write_bytes((prepared / "char" / name).read_bytes())
+    meta = json.loads((prepared / "char" / "meta.json").read_text())
+    meta = [meta] if change == "list" else {**meta, **change}
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="not a meta.json written by prepare_data.py"):
+        bigram_main(tiny_flags(data, tmp_path))
+
+
+def test_overwrite_removes_the_old_runs_files_first(prepared, tmp_path, monkeypatch):
+    flags = tiny_flags(prepared / "char", tmp_path, max_iters=6)
+    assert bigram_main(flags) == 0
+    original = trainer.Trainer.fit
+    monkeypatch.setattr(trainer.Trainer, "fit", lambda self: 0)  # start, then stop at once
+    assert bigram_main(flags + ["--overwrite"]) == 0
+    monkeypatch.setattr(trainer.Trainer, "fit", original)
+    assert not list((tmp_path / "checkpoints" / "bigram").glob("*.pt"))
+    assert not (tmp_path / "plots" / "bigram" / "loss_plot.png").exists()
