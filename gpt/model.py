@@ -107,8 +107,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 probs = logits.exp_()  # unnormalised, in place
                 sums = probs.sum(dim=-1, keepdim=True)
                 loss += (sums.log() - target_logits).sum()
-                grad_logits = probs.div_(sums * n)  # softmax / n ...
-                grad_logits.scatter_add_(1, target_chunk, torch.full_like(target_logits, -1.0 / n))  # - one-hot / n
+                grad_logits = probs.div_(sums * n)  # (softmax - one_hot) / n, in two steps
+                grad_logits.scatter_add_(1, target_chunk, torch.full_like(target_logits, -1.0 / n))
                 grad_logits = grad_logits.to(dtype)
                 grad_x[rows] = grad_logits @ weight_mm
                 grad_weight += grad_logits.t() @ x_mm[rows]

@@ -176,8 +176,12 @@ def start_processes(device_name: str) -> tuple:
     return procs, device
 
 
-def stop_processes() -> None:
+def stop_processes(wait_for_all: bool = False) -> None:
+    """Leave the torchrun job, if any. After a normal finish, first wait until every rank is
+    done (rank 0 still writes the sample): Gloo can abort a process whose peer is gone."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -378,66 +378,30 @@ class Trainer:
                   f"{self.procs.world_size} process(es), {self.tokens_per_step:,} tokens/step")
             if self.step:
                 print(f"resuming {self.paths.last} at step {self.step}")
-        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (main and sys.stderr.isatty()),
-                   dynamic_ncols=True)
-        window_losses, window_start = [], time.time()
-        train_time, tokens_at_eval = 0.0, self.tokens_seen
-        elapsed_before, run_start = self.elapsed, time.time()
-        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        progress = Progress(self)
         stopped = at_eval = False
         with StopRequest(announce=main) as stop:
-            while self.step < cfg.max_iters:
+            while self.step < cfg.max_iters and not stopped:
                 t0 = time.time()
                 loss, grad_norm = self._train_step(lr_at(self.step, cfg))
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-                first_bad = torch.where(bad & (first_bad < 0), self.step, first_bad)
-                window_losses.append(loss)
+                progress.record(loss, grad_norm, self.step)
                 at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
                 at_log = self.step % cfg.log_interval == 0 or at_eval
                 if not self.procs.distributed:
                     stopped = stop.requested
                 elif at_log:  # ranks agree at log steps only, to keep the hot loop sync-free
                     stopped = self._stop_agreed(stop)
-                train_time += time.time() - t0
+                progress.train_time += time.time() - t0
                 if at_log or stopped:
-                    if first_bad.item() >= 0:
-                        self._fail_non_finite(first_bad.item())
-                    mean_loss = dev.all_reduce_sum(torch.stack(window_losses).mean(),
-                                                   self.procs).item() / self.procs.world_size
-                    rate = len(window_losses) * self.tokens_per_step / max(time.time() - window_start, 1e-9)
-                    window_losses, window_start = [], time.time()
-                    self.loss_curve.append([self.step, mean_loss])
-                    if main:
-                        lr = lr_at(self.step - 1, cfg)
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-                        bar.update(self.step - bar.n)
-                        if bar.disable:
-                            print(f"step {self.step}/{cfg.max_iters}  loss {mean_loss:.4f}  "
-                                  f"lr {lr:.2e}  {rate:,.0f} tokens/s", flush=True)
+                    progress.log()
                 if at_eval:
-                    tokens = self.tokens_seen
-                    result = self.evaluate()
-                    self.elapsed = elapsed_before + time.time() - run_start
-                    if not math.isfinite(result["val_loss"]):
-                        self._fail_non_finite(self.step)
-                    self.metrics.append({"step": self.step, "lr": lr_at(self.step - 1, cfg), **result,
-                                         "tokens_seen": tokens, "elapsed_s": round(self.elapsed, 3),
-                                         "tokens_per_s": round((tokens - tokens_at_eval) / max(train_time, 1e-9), 1)})
-                    train_time, tokens_at_eval = 0.0, tokens
-                    self.checkpoint(evaluated=True)
-                    if main:
-                        tqdm.write(f"step {self.step}: train {result['train_loss']:.4f}  val "
-                                   f"{result['val_loss']:.4f}  val bpc {result['val_bpc']:.4f}",
-                                   file=sys.stdout)
-                    window_start = time.time()
-                if stopped:
-                    break
-        bar.close()
+                    self._evaluate_and_save(progress)
+        progress.close()
         if stopped and self.step < cfg.max_iters:
             if not at_eval:
-                self.elapsed = elapsed_before + time.time() - run_start
+                self.elapsed = progress.elapsed()
                 self.checkpoint(evaluated=False)
             if main:
                 print(f"stopped at step {self.step}; {self.paths.last} is saved. Continue with:\n"
@@ -446,18 +410,88 @@ class Trainer:
                       + (f" --out-dir {self.cfg.out_dir}" if self.cfg.out_dir else ""))
             return 130
         if main:
-            sample = self.write_sample() if cfg.sample_tokens else None
-            best = min(self.metrics, key=lambda m: m["val_loss"])
-            print(f"done: best val loss {best['val_loss']:.4f} ({best['val_bpc']:.4f} bits/char) "
-                  f"at step {best['step']}, {self.elapsed:.0f}s wall time")
-            print(f"  checkpoint  {self.paths.best}\n  plot        {self.paths.plot}\n"
-                  f"  metrics     {self.paths.metrics}" + (f"\n  sample      {sample}" if sample else ""))
+            self._report()
         return 0
+
+    def _evaluate_and_save(self, progress: "Progress") -> None:
+        result = self.evaluate()
+        self.elapsed = progress.elapsed()
+        if not math.isfinite(result["val_loss"]):
+            self._fail_non_finite(self.step)
+        self.metrics.append({"step": self.step, "lr": lr_at(self.step - 1, self.cfg), **result,
+                             "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 3),
+                             "tokens_per_s": round(progress.train_rate(self.tokens_seen), 1)})
+        self.checkpoint(evaluated=True)
+        if self.procs.is_main:
+            tqdm.write(f"step {self.step}: train {result['train_loss']:.4f}  val "
+                       f"{result['val_loss']:.4f}  val bpc {result['val_bpc']:.4f}", file=sys.stdout)
+        progress.window_start = time.time()
+
+    def _report(self) -> None:
+        sample = self.write_sample() if self.cfg.sample_tokens else None
+        best = min(self.metrics, key=lambda m: m["val_loss"])
+        print(f"done: best val loss {best['val_loss']:.4f} ({best['val_bpc']:.4f} bits/char) "
+              f"at step {best['step']}, {self.elapsed:.0f}s wall time")
+        print(f"  checkpoint  {self.paths.best}\n  plot        {self.paths.plot}\n"
+              f"  metrics     {self.paths.metrics}" + (f"\n  sample      {sample}" if sample else ""))
+
+
+class Progress:
+    """The running loss and throughput between log steps, a progress bar (or plain lines on a
+    non-terminal), and the first step whose loss or gradient was not finite. Reading losses
+    back from the device only at log steps keeps the training loop free of host syncs."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        show = trainer.procs.is_main and sys.stderr.isatty()
+        self.bar = tqdm(total=trainer.cfg.max_iters, initial=trainer.step, disable=not show,
+                        dynamic_ncols=True)
+        self.losses, self.window_start = [], time.time()
+        self.train_time, self.tokens_at_eval = 0.0, trainer.tokens_seen
+        self.elapsed_before, self.run_start = trainer.elapsed, time.time()
+        self.first_bad = torch.full((), -1, device=trainer.device, dtype=torch.long)
+
+    def record(self, loss, grad_norm, step: int) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        self.losses.append(loss)
+
+    def elapsed(self) -> float:
+        """Wall time of the whole run, earlier sessions of a resumed run included."""
+        return self.elapsed_before + time.time() - self.run_start
+
+    def train_rate(self, tokens_seen: int) -> float:
+        """Training tokens/s since the previous evaluation, evaluation time excluded."""
+        rate = (tokens_seen - self.tokens_at_eval) / max(self.train_time, 1e-9)
+        self.train_time, self.tokens_at_eval = 0.0, tokens_seen
+        return rate
+
+    def log(self) -> None:
+        t = self.trainer
+        if self.first_bad.item() >= 0:
+            t._fail_non_finite(self.first_bad.item())
+        mean_loss = dev.all_reduce_sum(torch.stack(self.losses).mean(), t.procs).item()
+        mean_loss /= t.procs.world_size
+        rate = len(self.losses) * t.tokens_per_step / max(time.time() - self.window_start, 1e-9)
+        self.losses, self.window_start = [], time.time()
+        t.loss_curve.append([t.step, mean_loss])
+        if t.procs.is_main:
+            lr = lr_at(t.step - 1, t.cfg)
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            self.bar.update(t.step - self.bar.n)
+            if self.bar.disable:
+                print(f"step {t.step}/{t.cfg.max_iters}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                      f"{rate:,.0f} tokens/s", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def main(config_cls, presets: dict, spec: ModelSpec, description: str, argv=None) -> int:
     cfg, explicit = parse_config(config_cls, presets, description, argv)
     try:
-        return Trainer(cfg, explicit, spec).fit()
+        code = Trainer(cfg, explicit, spec).fit()
+        dev.stop_processes(wait_for_all=True)
+        return code
     finally:
         dev.stop_processes()
