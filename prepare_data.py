@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmkit.errors import UserError, run_main
-from lmkit.files import atomic_write_bytes, atomic_write_text, ensure_writable_dirs
+from lmkit.files import atomic_write_bytes, atomic_write_text, ensure_writable_dirs, read_user_file
 from lmkit.tokenizers import CharTokenizer, GPT2Tokenizer
 
 TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
@@ -73,14 +73,7 @@ def download_corpus(url: str, dest: Path) -> bytes:
 def read_source(args) -> tuple:
     """Return (raw bytes, display name) of the text to prepare."""
     if args.input is not None:
-        try:
-            return args.input.read_bytes(), args.input.name
-        except FileNotFoundError:
-            raise UserError(f"input file {args.input} does not exist; check the path") from None
-        except IsADirectoryError:
-            raise UserError(f"input {args.input} is a folder; pass a text file") from None
-        except OSError as e:
-            raise UserError(f"cannot read {args.input} ({e.strerror}); check its permissions") from None
+        return read_user_file(args.input, "input file"), args.input.name
     cached = args.out_dir / CORPUS_NAME
     if cached.is_file():
         return cached.read_bytes(), CORPUS_NAME

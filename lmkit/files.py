@@ -70,6 +70,18 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_user_file(path, what: str) -> bytes:
+    """The bytes of a file the user named; one clear sentence if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder; pass a text file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror}); check its permissions") from None
+
+
 def ensure_writable_dirs(*folders) -> None:
     """Create each folder and prove it takes a file, before any expensive work starts."""
     for folder in folders:

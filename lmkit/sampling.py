@@ -9,7 +9,7 @@ import torch
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint
 from lmkit.errors import UserError
-from lmkit.files import atomic_write_text, ensure_writable_dirs
+from lmkit.files import atomic_write_text, ensure_writable_dirs, read_user_file
 from lmkit.generate import generate
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
 
@@ -79,13 +79,9 @@ def read_prompt(args) -> str:
     if args.prompt_file is None:
         return args.prompt or ""
     try:
-        return args.prompt_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"prompt file {args.prompt_file} does not exist") from None
+        return read_user_file(args.prompt_file, "prompt file").decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"cannot read prompt file {args.prompt_file} ({e.strerror})") from None
 
 
 def load_model(state: dict, spec, device):
