@@ -46,7 +46,7 @@ def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path} is missing; run `python prepare_data.py` first")
     expected = meta[f"n_{split}_tokens"]
-    if path.stat().st_size != 2 * expected or expected == 0:
+    if path.stat().st_size != 2 * expected:  # load_meta already checked expected >= 1
         raise UserError(f"{path} holds {path.stat().st_size // 2} tokens but meta.json says "
                         f"{expected}; run `python prepare_data.py` again")
     tokens = np.memmap(path, dtype="<u2", mode="r")

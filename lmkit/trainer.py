@@ -96,7 +96,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
-                print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+            print("\nstopping after this step (Ctrl-C again to abort without saving)",
+                  file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
