@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from lmkit.decoder import DecoderWeights, LayerWeights, linear, norm
+
 
 @dataclass
 class BigramConfig:
@@ -33,20 +35,11 @@ class MultiHeadAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, pos=0):
+    def forward(self, x):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(C, dim=2))
-        if kv_cache is not None:
-            # Write this chunk's keys and values at positions pos.., attend over all so far.
-            # A chunk of several tokens is only ever written at pos 0 (the prompt), so the
-            # causal mask below stays aligned.
-            assert pos == 0 or T == 1, "several tokens are only written at the start"
-            k_cache, v_cache = kv_cache
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -74,8 +67,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ffwd = FeedForward(config)
 
-    def forward(self, x, kv_cache=None, pos=0):
-        x = x + self.sa(self.ln1(x), kv_cache, pos)
+    def forward(self, x):
+        x = x + self.sa(self.ln1(x))
         return x + self.ffwd(self.ln2(x))
 
 
@@ -101,13 +94,13 @@ class BigramLanguageModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+    def forward(self, idx, targets=None):
         """Logits for every position (or only the last when no targets), and the mean loss."""
         B, T = idx.shape
-        positions = torch.arange(pos, pos + T, device=idx.device)
+        positions = torch.arange(T, device=idx.device)
         x = self.token_embedding_table(idx) + self.position_embedding_table(positions)
-        for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache[i] if kv_cache is not None else None, pos)
+        for block in self.blocks:
+            x = block(x)
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
@@ -115,9 +108,12 @@ class BigramLanguageModel(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
-    def allocate_kv_cache(self, batch_size, device, dtype=torch.float32):
-        """Per-layer (key, value) buffers of shape (B, n_head, block_size, head_size)."""
-        c = self.config
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        return [(torch.zeros(shape, device=device, dtype=dtype),
-                 torch.zeros(shape, device=device, dtype=dtype)) for _ in range(c.n_layer)]
+    def decoder_weights(self) -> DecoderWeights:
+        """The weights in the layout lmkit.decoder runs for fast cached sampling."""
+        layers = [LayerWeights(ln_1=norm(b.ln1), attn_qkv=linear(b.sa.qkv),
+                               attn_proj=linear(b.sa.proj), ln_2=norm(b.ln2),
+                               mlp_fc=linear(b.ffwd.net[0]), mlp_proj=linear(b.ffwd.net[2]))
+                  for b in self.blocks]
+        return DecoderWeights(self.token_embedding_table.weight,
+                              self.position_embedding_table.weight, layers, norm(self.ln_f),
+                              linear(self.lm_head), self.config.n_head, activation=F.relu)

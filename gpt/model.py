@@ -6,10 +6,13 @@ std 0.02 with residual projections scaled by (2 * n_layer) ** -0.5, vocabulary p
 50304 (a multiple of 64) for faster matrix multiplies.
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from lmkit.decoder import DecoderWeights, LayerWeights, linear, norm
 
 
 @dataclass
@@ -33,20 +36,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, pos=0):
+    def forward(self, x):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
-        if kv_cache is not None:
-            # Write this chunk's keys and values at positions pos.., attend over all so far.
-            # A chunk of several tokens is only ever written at pos 0 (the prompt), so the
-            # causal mask below stays aligned.
-            assert pos == 0 or T == 1, "several tokens are only written at the start"
-            k_cache, v_cache = kv_cache
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -73,8 +67,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, pos)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -158,23 +152,25 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+    def forward(self, idx, targets=None):
         """(logits of the last position, None) without targets; (None, mean loss) with them."""
         B, T = idx.shape
-        positions = torch.arange(pos, pos + T, device=idx.device)
+        positions = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
-        for i, block in enumerate(self.h):
-            x = block(x, kv_cache[i] if kv_cache is not None else None, pos)
+        for block in self.h:
+            x = block(x)
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         # Training never needs the (B, T, vocab) logits themselves, only the loss.
         return None, head_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
 
-    def allocate_kv_cache(self, batch_size, device, dtype=torch.float32):
-        """Per-layer (key, value) buffers of shape (B, n_head, block_size, head_size)."""
-        c = self.config
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        return [(torch.zeros(shape, device=device, dtype=dtype),
-                 torch.zeros(shape, device=device, dtype=dtype)) for _ in range(c.n_layer)]
-
+    def decoder_weights(self) -> DecoderWeights:
+        """The weights in the layout lmkit.decoder runs for fast cached sampling."""
+        layers = [LayerWeights(ln_1=norm(b.ln_1), attn_qkv=linear(b.attn.c_attn),
+                               attn_proj=linear(b.attn.c_proj), ln_2=norm(b.ln_2),
+                               mlp_fc=linear(b.mlp.c_fc), mlp_proj=linear(b.mlp.c_proj))
+                  for b in self.h]
+        return DecoderWeights(self.wte.weight, self.wpe.weight, layers, norm(self.ln_f),
+                              linear(self.lm_head), self.config.n_head,
+                              activation=partial(F.gelu, approximate="tanh"))

@@ -1,11 +1,13 @@
-"""Batched text generation with a per-layer key/value cache, shared by both models.
+"""Batched text generation, shared by both models.
 
-Models provide forward(idx, kv_cache=..., pos=...) and allocate_kv_cache(batch, device, dtype).
-When the sequence outgrows the block size, the cached path keeps the most recent three
-quarters of a block, re-encodes them into a fresh cache, and carries on from there.
+The cached path runs the model's decoder_weights() through lmkit.decoder; the plain path
+calls the model's forward on the whole window for every token. When the sequence outgrows
+the block size, the cached path keeps the most recent half block, re-encodes it into an
+emptied cache, and carries on from there.
 """
 import torch
 
+from lmkit.decoder import KVCacheDecoder
 from lmkit.device import autocast
 
 
@@ -29,8 +31,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    if temperature != 1.0:
+        logits = logits / temperature
+    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    # The index of the largest probs / Exponential(1) is a draw from probs (the
+    # "exponential race"); exact like torch.multinomial, with less overhead per step.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.argmax(probs / race, dim=-1, keepdim=True)
 
 
 @torch.inference_mode()
@@ -47,8 +54,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     idx = idx[:, -block_size:]
     device = idx.device
 
-    def pick(logits):
-        logits = logits[:, -1, :]
+    def pick(logits):  # (B, vocab) -> (B, 1)
         if vocab_size is not None and vocab_size < logits.size(-1):
             logits = logits[:, :vocab_size]
         return sample_next(logits, temperature, top_k, top_p, generator)
@@ -58,15 +64,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         if not use_cache:
             for _ in range(max_new_tokens):
                 logits, _ = model(idx[:, -block_size:])
-                token = pick(logits)
+                token = pick(logits[:, -1])
                 idx = torch.cat([idx, token], dim=1)
                 if on_token:
                     on_token(token)
             return idx
-        keep = max(1, block_size * 3 // 4)
-        cache = model.allocate_kv_cache(idx.size(0), device, dtype)
-        logits, _ = model(idx, kv_cache=cache, pos=0)
-        pos = idx.size(1)
+        keep = max(1, block_size // 2)
+        decoder = KVCacheDecoder(model.decoder_weights(), idx.size(0), device, dtype)
+        logits = decoder.feed(idx)
         for i in range(max_new_tokens):
             token = pick(logits)
             new_tokens.append(token)
@@ -74,11 +79,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 on_token(token)
             if i == max_new_tokens - 1:
                 break
-            if pos == block_size:  # cache full: re-encode the most recent tokens
-                recent = torch.cat([idx, *new_tokens], dim=1)[:, -keep:]
-                logits, _ = model(recent, kv_cache=cache, pos=0)
-                pos = recent.size(1)
+            if decoder.length == block_size:  # cache full: re-encode the most recent tokens
+                decoder.reset()
+                logits = decoder.feed(torch.cat([idx, *new_tokens], dim=1)[:, -keep:])
             else:
-                logits, _ = model(token, kv_cache=cache, pos=pos)
-                pos += 1
+                logits = decoder.feed(token)
     return torch.cat([idx, *new_tokens], dim=1)

@@ -12,6 +12,7 @@ from gpt.model import GPT, GPTConfig
 from gpt.train import SPEC as GPT_SPEC
 from lmkit import sampling
 from lmkit.checkpoint import load_checkpoint
+from lmkit.decoder import KVCacheDecoder
 from lmkit.generate import filter_logits, generate, sample_next
 from lmkit.tokenizers import GPT2Tokenizer, tokenizer_from_meta
 
@@ -190,6 +191,56 @@ def test_cached_generation_runs_well_past_the_block_size(kind, prompt_len):
     assert cached.shape == uncached.shape == (batch, prompt_len + n_new)
     assert int(cached.min()) >= 0 and int(cached.max()) < 50
     assert torch.equal(cached[:, :block], uncached[:, :block])
+
+
+def windowed_reference(model, prompt, n_new, generator, keep):
+    """What the cached path promises past the block size, computed with the plain forward:
+    the context grows token by token; when it would exceed the block size it restarts from
+    the most recent `keep` tokens."""
+    block, seq, start = model.config.block_size, prompt, 0
+    with torch.inference_mode():
+        for _ in range(n_new):
+            logits, _ = model(seq[:, start:])
+            seq = torch.cat([seq, sample_next(logits[:, -1], generator=generator)], dim=1)
+            if seq.size(1) - 1 - start == block:
+                start = seq.size(1) - keep
+    return seq
+
+
+@pytest.mark.parametrize("prompt_len", [1, 8])
+@pytest.mark.parametrize("kind", ["bigram", "gpt"])
+def test_past_the_block_the_cache_equals_the_documented_window(kind, prompt_len):
+    """Well past the block size, every cached token equals a plain forward over the window
+    the docs describe (restart from the most recent half block when the block is full)."""
+    block = 8
+    model = tiny_model(kind, block_size=block)
+    prompt = torch.randint(0, 50, (2, prompt_len), generator=gen(2))
+    cached = generate(model, prompt, 4 * block, generator=gen(6))
+    expected = windowed_reference(model, prompt, 4 * block, gen(6), keep=block // 2)
+    assert torch.equal(cached, expected)
+
+
+@pytest.mark.parametrize("kind, bias", [("bigram", True), ("gpt", True), ("gpt", False)])
+def test_decoder_logits_equal_the_model_forward(kind, bias):
+    """KVCacheDecoder fed a prompt, then one token at a time, gives the logits of the model's
+    own forward over the same tokens at every position (gpt also without biases)."""
+    torch.manual_seed(1)
+    model = tiny_model(kind) if bias else GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2,
+                                                        n_head=2, n_embd=16, dropout=0.0,
+                                                        bias=False)).eval()
+    for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        if linear.bias is not None:  # zero-initialised: make the biases count
+            torch.nn.init.normal_(linear.bias, std=0.1)
+    tokens = torch.randint(0, 50, (3, 16), generator=gen(8))
+    decoder = KVCacheDecoder(model.decoder_weights(), batch_size=3, device=CPU)
+    with torch.inference_mode():
+        logits = decoder.feed(tokens[:, :5])
+        for end in range(5, 17):
+            expected, _ = model(tokens[:, :end])
+            torch.testing.assert_close(logits, expected[:, -1], rtol=1e-5, atol=1e-5)
+            if end < 16:
+                logits = decoder.feed(tokens[:, end:end + 1])
+    assert decoder.length == 16
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
