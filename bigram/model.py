@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lmkit.decoder import DecoderWeights, LayerWeights, linear, norm
+from lmkit.decoder import DecoderWeights, LayerWeights, linear_weights, norm_weights
 
 
 @dataclass
@@ -110,10 +110,15 @@ class BigramLanguageModel(nn.Module):
 
     def decoder_weights(self) -> DecoderWeights:
         """The weights in the layout lmkit.decoder runs for fast cached sampling."""
-        layers = [LayerWeights(ln_1=norm(b.ln1), attn_qkv=linear(b.sa.qkv),
-                               attn_proj=linear(b.sa.proj), ln_2=norm(b.ln2),
-                               mlp_fc=linear(b.ffwd.net[0]), mlp_proj=linear(b.ffwd.net[2]))
+        layers = [LayerWeights(ln_1=norm_weights(b.ln1),
+                               attn_qkv=linear_weights(b.sa.qkv),
+                               attn_proj=linear_weights(b.sa.proj),
+                               ln_2=norm_weights(b.ln2),
+                               mlp_fc=linear_weights(b.ffwd.net[0]),
+                               mlp_proj=linear_weights(b.ffwd.net[2]))
                   for b in self.blocks]
-        return DecoderWeights(self.token_embedding_table.weight,
-                              self.position_embedding_table.weight, layers, norm(self.ln_f),
-                              linear(self.lm_head), self.config.n_head, activation=F.relu)
+        return DecoderWeights(token_embedding=self.token_embedding_table.weight,
+                              position_embedding=self.position_embedding_table.weight,
+                              layers=layers, ln_f=norm_weights(self.ln_f),
+                              head=linear_weights(self.lm_head), n_head=self.config.n_head,
+                              activation=F.relu)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lmkit.decoder import DecoderWeights, LayerWeights, linear, norm
+from lmkit.decoder import DecoderWeights, LayerWeights, linear_weights, norm_weights
 
 
 @dataclass
@@ -167,10 +167,14 @@ class GPT(nn.Module):
 
     def decoder_weights(self) -> DecoderWeights:
         """The weights in the layout lmkit.decoder runs for fast cached sampling."""
-        layers = [LayerWeights(ln_1=norm(b.ln_1), attn_qkv=linear(b.attn.c_attn),
-                               attn_proj=linear(b.attn.c_proj), ln_2=norm(b.ln_2),
-                               mlp_fc=linear(b.mlp.c_fc), mlp_proj=linear(b.mlp.c_proj))
+        layers = [LayerWeights(ln_1=norm_weights(b.ln_1),
+                               attn_qkv=linear_weights(b.attn.c_attn),
+                               attn_proj=linear_weights(b.attn.c_proj),
+                               ln_2=norm_weights(b.ln_2),
+                               mlp_fc=linear_weights(b.mlp.c_fc),
+                               mlp_proj=linear_weights(b.mlp.c_proj))
                   for b in self.h]
-        return DecoderWeights(self.wte.weight, self.wpe.weight, layers, norm(self.ln_f),
-                              linear(self.lm_head), self.config.n_head,
+        return DecoderWeights(token_embedding=self.wte.weight, position_embedding=self.wpe.weight,
+                              layers=layers, ln_f=norm_weights(self.ln_f),
+                              head=linear_weights(self.lm_head), n_head=self.config.n_head,
                               activation=partial(F.gelu, approximate="tanh"))

@@ -19,11 +19,11 @@ Linear = tuple[Tensor, Optional[Tensor]]  # weight, bias
 Norm = tuple[Optional[Tensor], Optional[Tensor], float]  # weight, bias, eps
 
 
-def linear(module) -> Linear:
+def linear_weights(module) -> Linear:
     return module.weight, module.bias
 
 
-def norm(module) -> Norm:
+def norm_weights(module) -> Norm:
     return module.weight, module.bias, module.eps
 
 
@@ -86,5 +86,5 @@ class KVCacheDecoder:
             hidden = w.activation(F.linear(F.layer_norm(x, (C,), *layer.ln_2), *layer.mlp_fc))
             x = x + F.linear(hidden, *layer.mlp_proj)
         self.length = end
-        last = x if T == 1 else x.view(B, T, C)[:, -1]
+        last = x.view(B, T, C)[:, -1]
         return F.linear(F.layer_norm(last, (C,), *w.ln_f), *w.head)

@@ -31,9 +31,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    if temperature != 1.0:
-        logits = logits / temperature
-    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
     # The index of the largest probs / Exponential(1) is a draw from probs (the
     # "exponential race"); exact like torch.multinomial, with less overhead per step.
     race = torch.empty_like(probs).exponential_(generator=generator)

@@ -139,6 +139,9 @@ def main(spec, description: str, argv=None) -> int:
     if state["kind"] != spec.kind:
         raise UserError(f"{path} is a {state['kind']} checkpoint; sample it with "
                         f"`python {state['kind']}/sample.py`")
+    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+        raise UserError(f"{path} holds NaN or infinite weights; sample another checkpoint or "
+                        "train again")
     device = dev.pick_device(args.device)
     model = load_model(state, spec, device)
     meta = state["meta"]

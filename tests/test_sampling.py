@@ -22,15 +22,16 @@ CPU = torch.device("cpu")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def tiny_model(kind: str, block_size: int = 16, vocab_size: int = 50, seed: int = 0):
-    """A randomly initialised two-layer model of either kind, in eval mode."""
+def tiny_model(kind: str, block_size: int = 16, vocab_size: int = 50, seed: int = 0,
+               bias: bool = True):
+    """A randomly initialised two-layer model of either kind, in eval mode (bias: gpt only)."""
     torch.manual_seed(seed)
     if kind == "bigram":
         model = BigramLanguageModel(BigramConfig(vocab_size=vocab_size, block_size=block_size,
                                                  n_embd=16, n_head=2, n_layer=2, dropout=0.0))
     else:
         model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2,
-                              n_embd=16, dropout=0.0))
+                              n_embd=16, dropout=0.0, bias=bias))
     return model.eval()
 
 
@@ -223,14 +224,12 @@ def test_past_the_block_the_cache_equals_the_documented_window(kind, prompt_len)
 @pytest.mark.parametrize("kind, bias", [("bigram", True), ("gpt", True), ("gpt", False)])
 def test_decoder_logits_equal_the_model_forward(kind, bias):
     """KVCacheDecoder fed a prompt, then one token at a time, gives the logits of the model's
-    own forward over the same tokens at every position (gpt also without biases)."""
-    torch.manual_seed(1)
-    model = tiny_model(kind) if bias else GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2,
-                                                        n_head=2, n_embd=16, dropout=0.0,
-                                                        bias=False)).eval()
-    for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
-        if linear.bias is not None:  # zero-initialised: make the biases count
-            torch.nn.init.normal_(linear.bias, std=0.1)
+    own forward over the same tokens at every position (gpt also without biases). Every
+    weight is drawn large, LayerNorms included, so a misplaced or missing one shows."""
+    model, weights = tiny_model(kind, bias=bias), gen(12)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.5, generator=weights)
     tokens = torch.randint(0, 50, (3, 16), generator=gen(8))
     decoder = KVCacheDecoder(model.decoder_weights(), batch_size=3, device=CPU)
     with torch.inference_mode():
@@ -515,6 +514,19 @@ def test_checkpoint_of_the_other_model_names_the_right_script(trained, tmp_path,
                    "--out-dir", tmp_path, "--device", "cpu", "--max-new-tokens", 3)
     assert r.returncode == 1
     assert f"{other}/sample.py" in one_error_line(r.stderr)
+    assert not (tmp_path / "samples").exists()
+
+
+def test_checkpoint_with_nan_weights_is_refused(trained, tmp_path):
+    """A checkpoint whose weights hold a NaN exits 1 naming it, and writes no sample file."""
+    state = torch.load(trained / "checkpoints" / "bigram" / "best.pt", weights_only=True)
+    next(iter(state["model"].values()))[0, 0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    r = run_script("bigram/sample.py", "--checkpoint", bad, "--out-dir", tmp_path,
+                   "--device", "cpu", "--max-new-tokens", 3)
+    assert r.returncode == 1
+    assert str(bad) in one_error_line(r.stderr)
     assert not (tmp_path / "samples").exists()
 
 
