@@ -165,7 +165,7 @@ def main(spec, description: str, argv=None) -> int:
     dev.synchronize(device)
     seconds = time.time() - t0
     if streamer:
-        print()
+        print(flush=True)
     skip = 0 if prompt_text else len(ids)  # the start token of an empty prompt is not text
     texts = [tokenizer.decode(row[skip:].tolist()) for row in out]
 
@@ -176,9 +176,9 @@ def main(spec, description: str, argv=None) -> int:
               f"seed={args.seed} kv_cache={not args.no_kv_cache} prompt={prompt_text!r}\n")
     blocks = [f"---------- sample {i + 1}/{len(texts)} ----------\n{t}\n" for i, t in enumerate(texts)]
     if not args.stream:
-        print("\n".join(blocks))
+        print("\n".join(blocks), flush=True)
     elif len(blocks) > 1:
-        print("\n".join(blocks[1:]))
+        print("\n".join(blocks[1:]), flush=True)
     atomic_write_text(out_path, header + "\n" + "\n".join(blocks))
     n_tokens = args.num_samples * args.max_new_tokens
     print(f"{n_tokens} tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); "
