@@ -32,8 +32,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    # The index of the largest probs / Exponential(1) is a draw from probs (the
-    # "exponential race"); exact like torch.multinomial, with less overhead per step.
+    # The index of the largest probs / Exponential(1) is an exact draw from probs (the
+    # "exponential race"). torch.multinomial draws one sample the same way, but first checks
+    # the probabilities on the host, which costs more than the draw at this size.
     race = torch.empty_like(probs).exponential_(generator=generator)
     return torch.argmax(probs / race, dim=-1, keepdim=True)
 
