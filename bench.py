@@ -67,19 +67,18 @@ def bench_training(trainer: Trainer, steps: int, warmup: int) -> dict:
 
 def bench_sampling(model, device, n_samples: int, n_tokens: int) -> dict:
     model.eval()
-    dtype = dev.inference_dtype(device)
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
     results = {}
     for batched in (False, True):
         for cached in (False, True):
             generator = torch.Generator(device=device).manual_seed(0)
             generate(model, start.repeat(n_samples if batched else 1, 1), 20, generator=generator,
-                     use_cache=cached, dtype=dtype)  # warm-up
+                     use_cache=cached)  # warm-up
             dev.synchronize(device)
             t0 = time.perf_counter()
             for _ in range(1 if batched else n_samples):
                 generate(model, start.repeat(n_samples if batched else 1, 1), n_tokens,
-                         generator=generator, use_cache=cached, dtype=dtype)
+                         generator=generator, use_cache=cached)
             dev.synchronize(device)
             name = f"{'batched' if batched else 'one_at_a_time'}_{'cache' if cached else 'no_cache'}"
             results[name] = n_samples * n_tokens / (time.perf_counter() - t0)

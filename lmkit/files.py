@@ -1,10 +1,13 @@
-"""Atomic file writes and early checks that output folders are writable."""
+"""Where outputs go by default, atomic file writes, and early checks that folders are writable."""
 import errno
 import os
 import tempfile
 from pathlib import Path
 
 from lmkit.errors import UserError
+
+# The default home of data/, checkpoints/, plots/ and samples/.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -8,7 +8,7 @@ emptied cache, and carries on from there.
 import torch
 
 from lmkit.decoder import KVCacheDecoder
-from lmkit.device import autocast
+from lmkit.device import autocast, inference_dtype
 
 
 def filter_logits(logits: torch.Tensor, top_k=None, top_p=None) -> torch.Tensor:
@@ -41,10 +41,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             generator=None, use_cache=True, vocab_size=None, dtype=torch.float32, on_token=None):
+             generator=None, use_cache=True, vocab_size=None, on_token=None):
     """Extend every row of idx (B, T) by max_new_tokens tokens; return the rows with them.
 
-    A prompt longer than the block size is cut to its last block_size tokens first.
+    A prompt longer than the block size is cut to its last block_size tokens first. It runs
+    in the device's inference dtype (lmkit.device.inference_dtype).
 
     vocab_size masks padded vocabulary entries the tokenizer cannot decode. on_token, if
     given, is called with the (B, 1) tensor of each new token as soon as it exists.
@@ -52,6 +53,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     block_size = model.config.block_size
     idx = idx[:, -block_size:]
     device = idx.device
+    dtype = inference_dtype(device)
 
     def pick(logits):  # (B, vocab) -> (B, 1)
         if vocab_size is not None and vocab_size < logits.size(-1):

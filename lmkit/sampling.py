@@ -9,11 +9,9 @@ import torch
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint
 from lmkit.errors import UserError
-from lmkit.files import atomic_write_text, ensure_writable_dirs, read_user_file
+from lmkit.files import REPO_ROOT, atomic_write_text, ensure_writable_dirs, read_user_file
 from lmkit.generate import generate
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_parser(kind: str, default_top_k, description: str) -> argparse.ArgumentParser:
@@ -159,9 +157,7 @@ def main(spec, description: str, argv=None) -> int:
     t0 = time.time()
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, generator=generator, use_cache=not args.no_kv_cache,
-                   vocab_size=meta["vocab_size"],
-                   dtype=dev.inference_dtype(device),
-                   on_token=streamer)
+                   vocab_size=meta["vocab_size"], on_token=streamer)
     dev.synchronize(device)
     seconds = time.time() - t0
     if streamer:

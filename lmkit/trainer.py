@@ -22,13 +22,12 @@ from lmkit.checkpoint import load_checkpoint, save_checkpoint
 from lmkit.config import PER_INVOCATION, parse_config, validate
 from lmkit.data import BatchSampler, eval_windows, load_meta, load_split, window_batches
 from lmkit.errors import UserError
-from lmkit.files import atomic_write_text, ensure_writable_dirs, remove_stale_temp_files
+from lmkit.files import REPO_ROOT, atomic_write_text, ensure_writable_dirs, remove_stale_temp_files
 from lmkit.generate import generate
 from lmkit.plotting import plot_losses
 from lmkit.schedule import lr_at
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # What --resume needs beyond what sampling needs (see lmkit.checkpoint.REQUIRED_KEYS).
 RESUME_KEYS = ("train_config", "optimizer", "tokens_seen", "loss_curve", "best_val_loss",
                "elapsed_s", "rank_states")
@@ -311,8 +310,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.model.eval()
         out = generate(self.model, idx, self.cfg.sample_tokens, top_k=self.spec.default_top_k,
-                       generator=generator, vocab_size=self.meta["vocab_size"],
-                       dtype=dev.inference_dtype(self.device))
+                       generator=generator, vocab_size=self.meta["vocab_size"])
         self.model.train()
         text = tokenizer.decode(out[0, 1:].tolist())
         path = self.paths.samples / "train_sample.txt"
