@@ -1,10 +1,13 @@
-"""Shared fixtures: a small generated corpus, prepared data, and tiny trained checkpoints."""
+"""Shared fixtures and helpers: a small generated corpus, prepared data, tiny trained checkpoints,
+and the checks several test files make of a run's outputs."""
+import csv
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -53,6 +56,26 @@ def run_script(script: str, *args, check=False, timeout=300, **kwargs) -> subpro
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def one_error_line(stderr: str) -> str:
+    """The single "error: ..." line a failing script printed, with no traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def read_metrics(out_dir, run) -> list:
+    """The rows of checkpoints/<run>/metrics.csv."""
+    with open(out_dir / "checkpoints" / run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def saved_weights(out_dir, run, name="last.pt") -> dict:
+    """The model weights saved in checkpoints/<run>/<name>."""
+    return torch.load(out_dir / "checkpoints" / run / name, weights_only=True)["model"]
 
 
 @pytest.fixture(scope="session")

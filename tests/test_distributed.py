@@ -1,5 +1,4 @@
 """torchrun with 2 CPU processes (Gloo): one model, one set of outputs, same math as 1 process."""
-import csv
 import os
 import subprocess
 import sys
@@ -7,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, tiny_flags
+from conftest import REPO_ROOT, read_metrics, tiny_flags
 from gpt.train import main as gpt_main
 
 
@@ -19,8 +18,7 @@ def torchrun(script, *args, nproc=2):
 
 
 def val_losses(out_dir, run):
-    with open(out_dir / "checkpoints" / run / "metrics.csv") as f:
-        return [float(r["val_loss"]) for r in csv.DictReader(f)]
+    return [float(r["val_loss"]) for r in read_metrics(out_dir, run)]
 
 
 def ok(result):

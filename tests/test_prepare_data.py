@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from conftest import make_text, run_script
+from conftest import make_text, one_error_line, run_script
 from lmkit.errors import UserError
 from lmkit.tokenizers import CharTokenizer, GPT2Tokenizer
 
@@ -44,10 +44,7 @@ def assert_nothing_written(out: Path) -> None:
 def assert_clean_error(result, *fragments) -> None:
     """Exit code 1 and a single 'error: ...' line on stderr, never a traceback."""
     assert result.returncode == 1, (result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert err.startswith("error:"), err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
+    err = one_error_line(result.stderr)
     for fragment in fragments:
         assert fragment in err, err
 

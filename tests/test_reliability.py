@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bigram.train import main as bigram_main
-from conftest import REPO_ROOT, run_script, tiny_flags
+from conftest import REPO_ROOT, run_script, saved_weights, tiny_flags
 from lmkit import files, trainer
 from lmkit.errors import UserError
 
@@ -39,10 +39,6 @@ def wait_for(condition, proc, timeout=120):
         time.sleep(0.0005)
 
 
-def final_weights(out_dir, run):
-    return torch.load(out_dir / "checkpoints" / run / "last.pt", weights_only=True)["model"]
-
-
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for name in a:
@@ -54,7 +50,7 @@ def reference(prepared, tmp_path_factory):
     """An uninterrupted run to compare killed-and-resumed runs against."""
     out = tmp_path_factory.mktemp("reference")
     run_script("bigram/train.py", *crash_flags(prepared, out), check=True)
-    return final_weights(out, "bigram")
+    return saved_weights(out, "bigram")
 
 
 def temp_file_of(folder, name):
@@ -93,7 +89,7 @@ def test_kill_9_at_any_moment_then_resume_equals_uninterrupted(moment, prepared,
                         "--data-dir", prepared / "char", check=True)
     assert "resuming" in result.stdout
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
-    assert_same_weights(final_weights(tmp_path, "bigram"), reference)
+    assert_same_weights(saved_weights(tmp_path, "bigram"), reference)
 
 
 def test_ctrl_c_saves_and_resume_equals_uninterrupted(prepared, tmp_path, reference):
@@ -111,7 +107,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(prepared, tmp_path, refere
     assert 10 <= state["step"] < 40
     run_script("bigram/train.py", "--resume", "--out-dir", tmp_path, "--data-dir",
                prepared / "char", check=True)
-    assert_same_weights(final_weights(tmp_path, "bigram"), reference)
+    assert_same_weights(saved_weights(tmp_path, "bigram"), reference)
 
 
 class RunsCode:

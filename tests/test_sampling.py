@@ -7,7 +7,7 @@ import torch
 
 from bigram.model import BigramConfig, BigramLanguageModel
 from bigram.train import SPEC as BIGRAM_SPEC
-from conftest import run_script
+from conftest import one_error_line, run_script
 from gpt.model import GPT, GPTConfig
 from gpt.train import SPEC as GPT_SPEC
 from lmkit import sampling
@@ -56,14 +56,6 @@ def new_sample_files(out_dir, run: str):
     """Sample files sample.py wrote in samples/<run>/ (the trainer's own sample excluded)."""
     folder = out_dir / "samples" / run
     return sorted(p for p in folder.glob("*") if p.is_file() and p.name != "train_sample.txt")
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 # ---- top-k / top-p / temperature --------------------------------------------------------------

@@ -1,5 +1,4 @@
 """Training: both models learn, resume is exact, accumulation is exact, outputs are written."""
-import csv
 import math
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 from bigram.model import BigramConfig, BigramLanguageModel
 from bigram.train import BigramTrainConfig
 from bigram.train import main as bigram_main
-from conftest import run_script, tiny_flags
+from conftest import read_metrics, run_script, saved_weights, tiny_flags
 from gpt.model import GPT, GPTConfig
 from gpt.train import GPTTrainConfig
 from gpt.train import main as gpt_main
@@ -17,15 +16,6 @@ from lmkit.errors import UserError
 from lmkit.schedule import lr_at
 
 MAINS = {"bigram": (bigram_main, "char"), "gpt": (gpt_main, "gpt2")}
-
-
-def read_metrics(out_dir, run):
-    with open(out_dir / "checkpoints" / run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def weights(out_dir, run, name="last.pt"):
-    return torch.load(out_dir / "checkpoints" / run / name, weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
@@ -99,8 +89,8 @@ def test_resume_after_stop_equals_uninterrupted_run(kind, stop_step, prepared, t
     for a, b in zip(straight, split, strict=True):
         for field in ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen"):
             assert a[field] == b[field]
-    for name, tensor in weights(tmp_path, "straight").items():
-        assert torch.equal(tensor, weights(tmp_path, "split")[name]), name
+    for name, tensor in saved_weights(tmp_path, "straight").items():
+        assert torch.equal(tensor, saved_weights(tmp_path, "split")[name]), name
 
 
 def test_resume_can_extend_max_iters(prepared, tmp_path):
@@ -137,7 +127,7 @@ def test_gradient_accumulation_matches_one_big_batch(prepared, tmp_path):
                                batch_size=4, grad_accum_steps=2)) == 0
     assert gpt_main(tiny_flags(data, tmp_path, max_iters=1, eval_interval=1, run="big",
                                batch_size=8, grad_accum_steps=1)) == 0
-    accum, big = weights(tmp_path, "accum"), weights(tmp_path, "big")
+    accum, big = saved_weights(tmp_path, "accum"), saved_weights(tmp_path, "big")
     for name, tensor in accum.items():
         torch.testing.assert_close(tensor, big[name], rtol=1e-5, atol=1e-6)
 
