@@ -43,6 +43,23 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bfloat16 in hardware rather than emulating it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_fast_bf16()
+    return device.type == "mps"
+
+
+def slow_dtype_note(device: torch.device, dtype: torch.dtype):
+    """One line to print when the chosen precision is emulated on this device, else None."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        return ("note: this CPU has no native bfloat16 (no AVX-512 BF16 or AMX), so --dtype "
+                "bfloat16 is emulated and runs many times slower than --dtype float32")
+    return None
+
+
 def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
@@ -67,8 +84,7 @@ def compute_dtype(device: torch.device, choice: str, large_matmuls: bool = True)
     if choice == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     if device.type == "cpu" and large_matmuls and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32

@@ -372,6 +372,9 @@ class Trainer:
                       "(raise --max-iters to train on)")
             return 0
         if main:
+            note = dev.slow_dtype_note(self.device, self.dtype)
+            if note:
+                print(note, file=sys.stderr)
             print(f"{self.spec.kind}: {self.model.num_params():,} parameters, device "
                   f"{self.device}, {str(self.dtype).replace('torch.', '')}, "
                   f"{self.procs.world_size} process(es), {self.tokens_per_step:,} tokens/step")

@@ -2,6 +2,7 @@
 import json
 
 from conftest import run_script
+from lmkit.device import cpu_has_fast_bf16
 
 
 def test_bench_writes_every_measurement(prepared, tmp_path):
@@ -16,6 +17,9 @@ def test_bench_writes_every_measurement(prepared, tmp_path):
                 "mfu_vs_fp32", "mfu_vs_bf16", "peak_memory_mb", "prepare_data_s"):
         assert key in numbers
     assert numbers["tokens_per_s"] > 0 and numbers["params"] > 0
+    assert numbers["matmul_peak_fp32"] > 0
+    # bf16 is measured only where the CPU has it natively (emulated, one product takes a minute)
+    assert (numbers["matmul_peak_bf16"] is None) == (not cpu_has_fast_bf16())
     assert set(numbers["sampling_tokens_per_s"]) == {
         "one_at_a_time_no_cache", "one_at_a_time_cache", "batched_no_cache", "batched_cache",
         "speedup_batched_cache_vs_one_no_cache"}

@@ -287,3 +287,12 @@ def test_overwrite_removes_the_old_runs_files_first(prepared, tmp_path, monkeypa
     monkeypatch.setattr(trainer.Trainer, "fit", original)
     assert not list((tmp_path / "checkpoints" / "bigram").glob("*.pt"))
     assert not (tmp_path / "plots" / "bigram" / "loss_plot.png").exists()
+
+
+def test_explicit_bfloat16_on_a_cpu_without_it_says_it_is_slow(prepared, tmp_path, capsys):
+    """--dtype bfloat16 still trains, and on a CPU that emulates it, one line says so."""
+    from lmkit.device import cpu_has_fast_bf16
+    assert bigram_main(tiny_flags(prepared / "char", tmp_path, dtype="bfloat16", max_iters=2,
+                                  eval_interval=2, sample_tokens=0)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no native bfloat16" in line]
+    assert len(notes) == (0 if cpu_has_fast_bf16() else 1)
