@@ -16,20 +16,19 @@ from pathlib import Path
 import torch
 
 from lmkit import device as dev
-from lmkit.config import parse_config
+from lmkit.config import parse_flags
 from lmkit.errors import run_main
 from lmkit.files import atomic_write_text
-from lmkit.generate import generate
-from lmkit.schedule import lr_at
+from lmkit.generation import generate
 from lmkit.trainer import Trainer
 
 
-def model_entry(name: str):
+def model_family(name: str):
     if name == "bigram":
-        from bigram import train
-        return train.BigramTrainConfig, train.PRESETS, train.SPEC
-    from gpt import train
-    return train.GPTTrainConfig, train.PRESETS, train.SPEC
+        from bigram.family import FAMILY
+        return FAMILY
+    from gpt.family import FAMILY
+    return FAMILY
 
 
 def matmul_peak(device, dtype, size=2048, repeats=10) -> float:
@@ -46,20 +45,20 @@ def matmul_peak(device, dtype, size=2048, repeats=10) -> float:
     return 2 * size ** 3 / best
 
 
-def flops_per_token(model, cfg) -> float:
+def flops_per_token(model, config) -> float:
     """Training FLOPs per token: 6 x matmul weights + attention (PaLM appendix B)."""
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * config.block_size
 
 
 def bench_training(trainer: Trainer, steps: int, warmup: int) -> dict:
-    for step in range(warmup):
-        trainer._train_step(lr_at(step, trainer.cfg))
+    """Time train_step; bench's flags keep evaluations and progress lines out of the way."""
+    for _ in range(warmup):
+        trainer.train_step()
     dev.synchronize(trainer.device)
     t0 = time.perf_counter()
-    for step in range(steps):
-        loss, _ = trainer._train_step(lr_at(warmup + step, trainer.cfg))
-    loss.item()
+    for _ in range(steps):
+        trainer.train_step()
     dev.synchronize(trainer.device)
     seconds = (time.perf_counter() - t0) / steps
     return {"ms_per_step": 1000 * seconds, "tokens_per_s": trainer.tokens_per_step / seconds}
@@ -116,23 +115,26 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
 
-    config_cls, presets, spec = model_entry(args.model)
+    family = model_family(args.model)
     with tempfile.TemporaryDirectory() as out:
-        cfg, explicit = parse_config(config_cls, presets, "", ["--preset", args.preset,
-                                                                "--out-dir", out, *extra])
-        trainer = Trainer(cfg, explicit, spec)
+        flags = parse_flags(family, "", ["--preset", args.preset, "--out-dir", out, *extra])
+        timed = args.warmup + args.steps
+        never = timed + 1  # no evaluation, checkpoint or progress line among the timed steps
+        flags.update(eval_interval=never, log_interval=never,
+                     max_iters=max(flags.get("max_iters", family.recipe["max_iters"]), never))
+        trainer = Trainer(family, flags)
         device = trainer.device
         result = {"model": args.model, "preset": args.preset, "extra_flags": extra,
                   "device": str(device), "device_name": dev.device_name(device),
                   "threads": torch.get_num_threads(),
                   "dtype": str(trainer.dtype).replace("torch.", ""),
-                  "compile": cfg.compile, "params": trainer.model.num_params(),
+                  "compile": trainer.cfg.compile, "params": trainer.model.num_params(),
                   "tokens_per_step": trainer.tokens_per_step}
         result.update(bench_training(trainer, args.steps, args.warmup))
         peaks = {"fp32": matmul_peak(device, torch.float32)}
         # A CPU without native bfloat16 emulates it: one 2048^2 product takes about a minute.
         peaks["bf16"] = matmul_peak(device, torch.bfloat16) if dev.has_native_bf16(device) else None
-        flops = flops_per_token(trainer.model, cfg) * result["tokens_per_s"]
+        flops = flops_per_token(trainer.model, trainer.model_config) * result["tokens_per_s"]
         result["achieved_flops"] = flops
         result.update({f"matmul_peak_{k}": v for k, v in peaks.items()})
         result.update({f"mfu_vs_{k}": v and flops / v for k, v in peaks.items()})

@@ -8,13 +8,13 @@ from pathlib import Path
 
 if not __package__:  # run as a script: make the repository root importable
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from bigram.train import SPEC  # noqa: E402
-from lmkit import sampling  # noqa: E402
+from bigram.family import FAMILY  # noqa: E402
+from lmkit import sample_cli  # noqa: E402
 from lmkit.errors import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return sampling.main(SPEC, __doc__, argv)
+    return sample_cli.main(FAMILY, __doc__, argv)
 
 
 if __name__ == "__main__":

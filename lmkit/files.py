@@ -1,13 +1,42 @@
-"""Where outputs go by default, atomic file writes, and early checks that folders are writable."""
+"""Where outputs go (a run's folders), atomic file writes, and early checks that folders are writable."""
 import errno
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmkit.errors import UserError
 
 # The default home of data/, checkpoints/, plots/ and samples/.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunPaths:
+    """A run's three folders: checkpoints/<run>, plots/<run> and samples/<run> under out_dir."""
+    checkpoints: Path
+    plots: Path
+    samples: Path
+
+    @classmethod
+    def for_run(cls, out_dir: Path, run: str) -> "RunPaths":
+        return cls(out_dir / "checkpoints" / run, out_dir / "plots" / run, out_dir / "samples" / run)
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.checkpoints / "metrics.csv"
+
+    @property
+    def plot(self) -> Path:
+        return self.plots / "loss_plot.png"
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -14,11 +14,12 @@ from bigram.train import main as bigram_main
 from conftest import REPO_ROOT, run_script, saved_weights, tiny_flags
 from lmkit import files, trainer
 from lmkit.errors import UserError
+from lmkit.history import TrainingHistory
 
 
 def crash_flags(prepared, out_dir, **overrides):
     """A run that checkpoints every step, with checkpoints big enough to catch mid-write."""
-    values = dict(n_layer=2, n_embd=128, n_head=4, max_iters=40, eval_interval=1, eval_iters=1,
+    values = dict(n_layer=2, n_embd=128, n_head=4, max_iters=20, eval_interval=1, eval_iters=1,
                   dropout=0.1, sample_tokens=0)
     values.update(overrides)
     return tiny_flags(prepared / "char", out_dir, **values)
@@ -104,7 +105,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(prepared, tmp_path, refere
     assert proc.returncode == 130, out + err
     assert "bigram/train.py --resume" in out
     state = torch.load(tmp_path / "checkpoints/bigram/last.pt", weights_only=True)
-    assert 10 <= state["step"] < 40
+    assert 10 <= state["step"] < 20
     run_script("bigram/train.py", "--resume", "--out-dir", tmp_path, "--data-dir",
                prepared / "char", check=True)
     assert_same_weights(saved_weights(tmp_path, "bigram"), reference)
@@ -167,15 +168,14 @@ def test_file_that_is_not_a_checkpoint(content, tmp_path):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(
         prepared, tmp_path, monkeypatch):
     flags = tiny_flags(prepared / "char", tmp_path, max_iters=20, eval_interval=5, log_interval=5)
-    original = trainer.Trainer._train_step
+    original = TrainingHistory.record_step
 
-    def poisoned(self, lr):
-        loss, norm = original(self, lr)
+    def poisoned(self, loss, grad_norm, seconds):
         if self.step + 1 >= 8:  # the step being finished now
             loss = loss * float("nan")
-        return loss, norm
+        return original(self, loss, grad_norm, seconds)
 
-    monkeypatch.setattr(trainer.Trainer, "_train_step", poisoned)
+    monkeypatch.setattr(TrainingHistory, "record_step", poisoned)
     with pytest.raises(UserError, match=r"non-finite at step 8.*holds step 5"):
         bigram_main(flags)
     state = torch.load(tmp_path / "checkpoints/bigram/last.pt", weights_only=True)
@@ -196,16 +196,17 @@ def test_disk_full_while_checkpointing_keeps_previous_and_leaves_no_temp(
     flags = tiny_flags(prepared / "char", tmp_path, max_iters=12, eval_interval=6)
     assert bigram_main(flags + ["--max-iters", "6"]) == 0
     folder = tmp_path / "checkpoints" / "bigram"
-    before = (folder / "last.pt").read_bytes()
+    before = {name: (folder / name).read_bytes() for name in ("last.pt", "best.pt")}
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", full_disk)
-    with pytest.raises(UserError, match="no space left on the device while writing .*last.pt"):
+    with pytest.raises(UserError, match=r"no space left on the device while writing .*(best|last)\.pt"):
         bigram_main(["--resume", "--max-iters", "12", "--out-dir", str(tmp_path),
                      "--data-dir", str(prepared / "char")])
-    assert (folder / "last.pt").read_bytes() == before
+    for name, content in before.items():
+        assert (folder / name).read_bytes() == content
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
 
 
@@ -226,3 +227,32 @@ def test_read_only_checkpoint_folder_fails_before_training(prepared, tmp_path):
     (tmp_path / "checkpoints" / "bigram").chmod(0o555)
     result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path))
     assert result.returncode == 1 and "cannot write to" in result.stderr
+
+
+def test_kill_between_best_and_last_leaves_them_agreeing(prepared, tmp_path, monkeypatch):
+    """An evaluation that improves writes two checkpoints. Killed after the first, last.pt
+    never claims a better val loss than best.pt holds, and --resume still ends exactly."""
+    flags = tiny_flags(prepared / "char", tmp_path, max_iters=12, eval_interval=3,
+                       learning_rate=1e-2)
+    assert bigram_main(flags + ["--run", "straight"]) == 0
+    writes = []
+
+    def killed_between(path, state):
+        writes.append(state["step"])
+        if writes.count(9) == 2:  # the second checkpoint written at step 9
+            raise KeyboardInterrupt
+        files.atomic_write(path, lambda f: torch.save(state, f))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "save_checkpoint", killed_between)
+        with pytest.raises(KeyboardInterrupt):
+            bigram_main(flags + ["--run", "killed"])
+    folder = tmp_path / "checkpoints" / "killed"
+    best = torch.load(folder / "best.pt", weights_only=True)
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert best["step"] == 9 and last["step"] == 6  # the val loss improved at step 9
+    assert best["metrics"][-1]["val_loss"] <= last["best_val_loss"]
+    assert bigram_main(["--resume", "--run", "killed", "--out-dir", str(tmp_path)]) == 0
+    assert_same_weights(saved_weights(tmp_path, "killed"), saved_weights(tmp_path, "straight"))
+    assert_same_weights(saved_weights(tmp_path, "killed", "best.pt"),
+                        saved_weights(tmp_path, "straight", "best.pt"))

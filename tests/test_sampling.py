@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from bigram.model import BigramConfig, BigramLanguageModel
-from bigram.train import SPEC as BIGRAM_SPEC
+from bigram.family import FAMILY as BIGRAM_FAMILY
 from conftest import one_error_line, run_script
 from gpt.model import GPT, GPTConfig
-from gpt.train import SPEC as GPT_SPEC
-from lmkit import sampling
+from gpt.family import FAMILY as GPT_FAMILY
+from lmkit import sample_cli
 from lmkit.checkpoint import load_checkpoint
 from lmkit.decoder import KVCacheDecoder
-from lmkit.generate import filter_logits, generate, sample_next
+from lmkit.generation import filter_logits, generate, sample_next
 from lmkit.tokenizers import GPT2Tokenizer, tokenizer_from_meta
 
-SPECS = {"bigram": BIGRAM_SPEC, "gpt": GPT_SPEC}
+FAMILIES = {"bigram": BIGRAM_FAMILY, "gpt": GPT_FAMILY}
 SEPARATOR = re.compile(r"-+ sample \d+/\d+ -+\n")
 CPU = torch.device("cpu")
 
@@ -42,7 +42,7 @@ def gen(seed: int) -> torch.Generator:
 def trained_model(trained, kind: str):
     """The model, tokenizer and checkpoint state of a run trained by the `trained` fixture."""
     state = load_checkpoint(trained / "checkpoints" / kind / "best.pt")
-    model = sampling.load_model(state, SPECS[kind], CPU)
+    model = sample_cli.load_model(state, FAMILIES[kind], CPU)
     return model, tokenizer_from_meta(state["meta"]), state
 
 
@@ -161,7 +161,7 @@ def test_cached_equals_uncached_for_trained_checkpoints(kind, trained):
     from the same start token sample.py uses, gpt's padded vocabulary masked)."""
     model, tokenizer, state = trained_model(trained, kind)
     meta, block = state["meta"], model.config.block_size
-    start = sampling.prompt_ids("", tokenizer, block)
+    start = sample_cli.prompt_ids("", tokenizer, block)
     idx = torch.tensor([start] * 2)
     kw = dict(vocab_size=meta["vocab_size"], top_k=50 if kind == "gpt" else None)
     cached = generate(model, idx, block - 1, use_cache=True, generator=gen(11), **kw)
@@ -267,9 +267,9 @@ def test_greedy_is_deterministic_and_ignores_the_seed(kind):
 def test_empty_prompt_starts_from_newline_or_endoftext(trained):
     """An empty prompt starts the char model from "\\n" and the gpt model from <|endoftext|>."""
     _, char_tok, char_state = trained_model(trained, "bigram")
-    assert sampling.prompt_ids("", char_tok, 16) == [char_tok.stoi["\n"]]
+    assert sample_cli.prompt_ids("", char_tok, 16) == [char_tok.stoi["\n"]]
     _, gpt_tok, gpt_state = trained_model(trained, "gpt")
-    ids = sampling.prompt_ids("", gpt_tok, 32)
+    ids = sample_cli.prompt_ids("", gpt_tok, 32)
     assert ids == [gpt_tok.eot]
     assert gpt_tok.decode(ids) == "<|endoftext|>"
 
@@ -415,9 +415,9 @@ def test_same_second_runs_keep_both_sample_files(trained, tmp_path, monkeypatch,
     """Two sample.py runs of one run name never overwrite each other's samples file, even when
     they finish within the same second (the clock is pinned to show that case)."""
     shutil.copytree(trained / "checkpoints" / "bigram", tmp_path / "checkpoints" / "bigram")
-    monkeypatch.setattr(sampling.time, "strftime", lambda *a, **k: "20250101-120000")
+    monkeypatch.setattr(sample_cli.time, "strftime", lambda *a, **k: "20250101-120000")
     for seed in (1, 2):
-        assert sampling.main(BIGRAM_SPEC, "", ["--out-dir", str(tmp_path), "--device", "cpu",
+        assert sample_cli.main(BIGRAM_FAMILY, "", ["--out-dir", str(tmp_path), "--device", "cpu",
                                                      "--seed", str(seed), "--max-new-tokens", "20"]) == 0
     capsys.readouterr()
     assert len(new_sample_files(tmp_path, "bigram")) == 2

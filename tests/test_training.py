@@ -1,21 +1,30 @@
 """Training: both models learn, resume is exact, accumulation is exact, outputs are written."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from bigram.model import BigramConfig, BigramLanguageModel
-from bigram.train import BigramTrainConfig
+from bigram.family import FAMILY as BIGRAM
 from bigram.train import main as bigram_main
 from conftest import read_metrics, run_script, saved_weights, tiny_flags
 from gpt.model import GPT, GPTConfig
-from gpt.train import GPTTrainConfig
+from gpt.family import FAMILY as GPT_FAMILY
 from gpt.train import main as gpt_main
 from lmkit import trainer
+from lmkit.config import seed_values, split_values
 from lmkit.errors import UserError
+from lmkit.history import TrainingHistory
 from lmkit.schedule import lr_at
+from lmkit.tokenizers import tokenizer_from_meta
 
 MAINS = {"bigram": (bigram_main, "char"), "gpt": (gpt_main, "gpt2")}
+
+
+def seed_train_config(family, **changes):
+    """The TrainConfig of a family's seed recipe, with some values changed."""
+    return split_values(family, {**seed_values(family), **changes})[0]
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
@@ -43,23 +52,40 @@ def test_loss_falls_and_outputs_are_written(kind, prepared, tmp_path):
     assert curve_steps == sorted(set(range(3, 31, 3)) | {10, 20, 30})
 
 
-def test_val_bpc_is_val_loss_in_bits_per_character(prepared, tmp_path):
-    """bits/char = val loss x tokens / characters / ln 2, using the split's meta."""
-    assert gpt_main(tiny_flags(prepared / "gpt2", tmp_path, max_iters=6)) == 0
-    meta = torch.load(tmp_path / "checkpoints/gpt/last.pt", weights_only=True)["meta"]
-    row = read_metrics(tmp_path, "gpt")[-1]
-    expected = float(row["val_loss"]) * meta["n_val_tokens"] / meta["n_val_chars"] / math.log(2)
+@pytest.mark.parametrize("kind", ["bigram", "gpt"])
+def test_val_bpc_is_val_loss_in_bits_per_character(kind, prepared, tmp_path):
+    """bits/char = val loss x targets / the characters those targets cover / ln 2. The first
+    val token is never a target, so for the char model bits/char is exactly val loss / ln 2."""
+    main, tokenizer = MAINS[kind]
+    assert main(tiny_flags(prepared / tokenizer, tmp_path, max_iters=6)) == 0
+    meta = torch.load(tmp_path / f"checkpoints/{kind}/last.pt", weights_only=True)["meta"]
+    row = read_metrics(tmp_path, kind)[-1]
+    first = int(np.fromfile(prepared / tokenizer / "val.bin", dtype="<u2")[0])
+    covered = meta["n_val_chars"] - len(tokenizer_from_meta(meta).decode([first]))
+    expected = float(row["val_loss"]) * (meta["n_val_tokens"] - 1) / covered / math.log(2)
     assert float(row["val_bpc"]) == pytest.approx(expected, rel=1e-6)
+    if kind == "bigram":
+        assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) / math.log(2), rel=1e-6)
 
 
-class StopAt(trainer.StopRequest):
-    """A Ctrl-C that arrives during a given step, without a real signal."""
-    at_step = None
+def stop_requested_during(step_to_stop: int, monkeypatch):
+    """Make the trainer see a Ctrl-C during the given step, without a real signal."""
+    original = TrainingHistory.record_step
 
-    def __enter__(self):
-        super().__enter__()
-        StopAt.instance = self
-        return self
+    def record_step(self, loss, grad_norm, seconds):
+        if self.step + 1 == step_to_stop:  # the step being finished now
+            active_trainer[0].stop.requested = True
+        return original(self, loss, grad_norm, seconds)
+
+    active_trainer = []
+    original_init = trainer.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        active_trainer[:] = [self]
+
+    monkeypatch.setattr(TrainingHistory, "record_step", record_step)
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
 
 
 @pytest.mark.parametrize("kind,stop_step", [("bigram", 7), ("gpt", 6)])
@@ -69,19 +95,10 @@ def test_resume_after_stop_equals_uninterrupted_run(kind, stop_step, prepared, t
     flags = tiny_flags(prepared / tokenizer, tmp_path, dropout=0.1, grad_accum_steps=2)
     assert main(flags + ["--run", "straight"]) == 0
 
-    original_step = trainer.Trainer._train_step
-
-    def train_step(self, lr):
-        result = original_step(self, lr)
-        if self.step + 1 == stop_step:  # the step being finished now
-            StopAt.instance.requested = True
-        return result
-
-    monkeypatch.setattr(trainer, "StopRequest", StopAt)
-    monkeypatch.setattr(trainer.Trainer, "_train_step", train_step)
-    assert main(flags + ["--run", "split"]) == 130
+    with monkeypatch.context() as patch:
+        stop_requested_during(stop_step, patch)
+        assert main(flags + ["--run", "split"]) == 130
     assert torch.load(tmp_path / "checkpoints/split/last.pt", weights_only=True)["step"] == stop_step
-    monkeypatch.setattr(trainer.Trainer, "_train_step", original_step)
     assert main(["--resume", "--run", "split", "--out-dir", str(tmp_path),
                  "--data-dir", str(prepared / tokenizer)]) == 0
 
@@ -123,9 +140,9 @@ def test_resume_without_checkpoint_says_what_to_do(prepared, tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(prepared, tmp_path):
     """2 micro-batches of B give the same update as one batch of 2B."""
     data = prepared / "gpt2"
-    assert gpt_main(tiny_flags(data, tmp_path, max_iters=1, eval_interval=1, run="accum",
+    assert gpt_main(tiny_flags(data, tmp_path, max_iters=1, eval_interval=1, warmup_iters=1, run="accum",
                                batch_size=4, grad_accum_steps=2)) == 0
-    assert gpt_main(tiny_flags(data, tmp_path, max_iters=1, eval_interval=1, run="big",
+    assert gpt_main(tiny_flags(data, tmp_path, max_iters=1, eval_interval=1, warmup_iters=1, run="big",
                                batch_size=8, grad_accum_steps=1)) == 0
     accum, big = saved_weights(tmp_path, "accum"), saved_weights(tmp_path, "big")
     for name, tensor in accum.items():
@@ -133,7 +150,7 @@ def test_gradient_accumulation_matches_one_big_batch(prepared, tmp_path):
 
 
 def test_cosine_schedule_values():
-    cfg = GPTTrainConfig()  # 4000 iters, warmup -1 = a quarter
+    cfg = seed_train_config(GPT_FAMILY)  # 4000 iters, warmup -1 = a quarter
     assert lr_at(0, cfg) == pytest.approx(6e-4 / 1000)
     assert lr_at(999, cfg) == pytest.approx(6e-4)
     assert lr_at(1000, cfg) == pytest.approx(6e-4)
@@ -143,10 +160,10 @@ def test_cosine_schedule_values():
 
 
 def test_bigram_schedule_warms_up_and_constant_reproduces_the_lectures():
-    cfg = BigramTrainConfig()
+    cfg = seed_train_config(BIGRAM)
     assert lr_at(0, cfg) == pytest.approx(3e-6) and lr_at(99, cfg) == pytest.approx(3e-4)
     assert lr_at(4999, cfg) == pytest.approx(3e-5, rel=1e-3)
-    constant = BigramTrainConfig(lr_schedule="constant")
+    constant = seed_train_config(BIGRAM, lr_schedule="constant")
     assert {lr_at(s, constant) for s in range(0, 5000, 7)} == {3e-4}
 
 
@@ -159,9 +176,8 @@ def test_seed_config_parameter_counts():
 
 
 def test_gpt_vocabulary_is_padded_and_residual_init_scaled():
-    spec_config = trainer.ModelSpec("gpt", "gpt2", GPT, GPTConfig, pad_vocab_to=64).model_config(
-        GPTTrainConfig(), 50257)
-    assert spec_config.vocab_size == 50304
+    config = GPT_FAMILY.model_config(split_values(GPT_FAMILY, seed_values(GPT_FAMILY))[1], 50257)
+    assert config == GPTConfig()  # the seed architecture, vocabulary padded to 50304
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=512))
     assert model.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
@@ -183,6 +199,7 @@ def test_help_lists_every_flag_with_defaults():
     (["--n-embd", "30", "--n-head", "4"], "not divisible by --n-head"),
     (["--max-iters", "0"], "--max-iters must be at least 1"),
     (["--dropout", "1.5"], "--dropout must be in"),
+    (["--warmup-iters", "13"], "--warmup-iters 13 is more than --max-iters 12"),
 ])
 def test_bad_flags_exit_2_with_one_sentence(flags, message, prepared, tmp_path):
     result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path), *flags)
@@ -296,3 +313,16 @@ def test_explicit_bfloat16_on_a_cpu_without_it_says_it_is_slow(prepared, tmp_pat
                                   eval_interval=2, sample_tokens=0)) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "no native bfloat16" in line]
     assert len(notes) == (0 if cpu_has_fast_bf16() else 1)
+
+
+def test_checkpoint_from_before_the_model_config_had_its_own_flags_resumes(prepared, tmp_path):
+    """Older checkpoints kept the architecture inside train_config too; they still resume."""
+    data = prepared / "char"
+    assert bigram_main(tiny_flags(data, tmp_path, max_iters=6)) == 0
+    path = tmp_path / "checkpoints/bigram/last.pt"
+    state = torch.load(path, weights_only=True)
+    arch = {k: v for k, v in state["model_config"].items() if k != "vocab_size"}
+    state["train_config"] = {**state["train_config"], **arch}
+    torch.save(state, path)
+    assert bigram_main(["--resume", "--max-iters", "9", "--out-dir", str(tmp_path)]) == 0
+    assert torch.load(path, weights_only=True)["model_config"] == state["model_config"]

@@ -1,4 +1,6 @@
-"""The sample.py command both models share: load a checkpoint, generate N samples in one batch."""
+"""The sample.py command both models share: load a checkpoint, generate N samples in one batch.
+
+The generation maths (filtering, drawing, the KV-cache loop) is lmkit/generation.py."""
 import argparse
 import sys
 import time
@@ -9,8 +11,8 @@ import torch
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint
 from lmkit.errors import UserError
-from lmkit.files import REPO_ROOT, atomic_write_text, ensure_writable_dirs, read_user_file
-from lmkit.generate import generate
+from lmkit.files import REPO_ROOT, RunPaths, atomic_write_text, ensure_writable_dirs, read_user_file
+from lmkit.generation import generate
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
 
 
@@ -62,14 +64,14 @@ def find_checkpoint(args, kind: str) -> Path:
         if not args.checkpoint.is_file():
             raise UserError(f"checkpoint {args.checkpoint} does not exist")
         return args.checkpoint
-    folder = args.out_dir / "checkpoints" / args.run
-    for name in ("best.pt", "last.pt"):
-        if (folder / name).is_file():
-            return folder / name
+    paths = RunPaths.for_run(args.out_dir, args.run)
+    for path in (paths.best, paths.last):
+        if path.is_file():
+            return path
     run_flag = f" --run {args.run}" if args.run != kind else ""
     if args.out_dir.resolve() != REPO_ROOT:
         run_flag += f" --out-dir {args.out_dir}"
-    raise UserError(f"no checkpoint in {folder}; train one first with "
+    raise UserError(f"no checkpoint in {paths.checkpoints}; train one first with "
                     f"`python {kind}/train.py{run_flag}`")
 
 
@@ -82,9 +84,9 @@ def read_prompt(args) -> str:
         raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
 
 
-def load_model(state: dict, spec, device):
-    config = spec.config_cls(**state["model_config"])
-    model = spec.model_cls(config)
+def load_model(state: dict, family, device):
+    config = family.config_cls(**state["model_config"])
+    model = family.model_cls(config)
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -129,19 +131,19 @@ class Streamer:
         self.printed = len(text)
 
 
-def main(spec, description: str, argv=None) -> int:
-    args = build_parser(spec.kind, spec.default_top_k, description).parse_args(argv)
+def main(family, description: str, argv=None) -> int:
+    args = build_parser(family.kind, family.default_top_k, description).parse_args(argv)
     check_args(args)
-    path = find_checkpoint(args, spec.kind)
+    path = find_checkpoint(args, family.kind)
     state = load_checkpoint(path)
-    if state["kind"] != spec.kind:
+    if state["kind"] != family.kind:
         raise UserError(f"{path} is a {state['kind']} checkpoint; sample it with "
                         f"`python {state['kind']}/sample.py`")
     if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
         raise UserError(f"{path} holds NaN or infinite weights; sample another checkpoint or "
                         "train again")
     device = dev.pick_device(args.device)
-    model = load_model(state, spec, device)
+    model = load_model(state, family, device)
     meta = state["meta"]
     tokenizer = tokenizer_from_meta(meta)
     prompt_text = read_prompt(args)
@@ -150,7 +152,7 @@ def main(spec, description: str, argv=None) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tokenizer, tokenizer.decode(ids) if prompt_text else "") if args.stream else None
 
-    out_path = args.out or unused_path(args.out_dir / "samples" / args.run /
+    out_path = args.out or unused_path(RunPaths.for_run(args.out_dir, args.run).samples /
                                        f"samples-{time.strftime('%Y%m%d-%H%M%S')}.txt")
     ensure_writable_dirs(out_path.parent)
 

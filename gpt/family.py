@@ -1,0 +1,22 @@
+"""The GPT family: GPT-2 BPE tokens, its seed recipe and its presets.
+
+The architecture's seed values are GPTConfig's defaults (gpt/model.py); the training values
+are RECIPE below. Every flag of gpt/train.py starts from these.
+"""
+from gpt.model import GPT, GPTConfig
+from lmkit.family import ModelFamily
+
+# 4096 tokens per step: micro-batch 8 x block 64 x 8 accumulation steps.
+RECIPE = dict(max_iters=4000, eval_interval=250, eval_iters=50, batch_size=8,
+              grad_accum_steps=8, learning_rate=6e-4, min_lr=6e-5,
+              warmup_iters=-1,  # a quarter of max_iters
+              weight_decay=0.1, beta2=0.95)
+
+PRESETS = {
+    # About ten minutes on a 2-core CPU.
+    "cpu": dict(max_iters=600, eval_interval=100, eval_iters=20, grad_accum_steps=4,
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=60),
+}
+
+FAMILY = ModelFamily(kind="gpt", tokenizer="gpt2", model_cls=GPT, config_cls=GPTConfig,
+                     recipe=RECIPE, presets=PRESETS, pad_vocab_to=64, default_top_k=50)

@@ -1,0 +1,18 @@
+"""What the shared training and sampling code needs to know about one model family."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelFamily:
+    kind: str              # "bigram" or "gpt": the folder, and the default run name
+    tokenizer: str         # which prepared data the model reads: "char" or "gpt2"
+    model_cls: type
+    config_cls: type       # the model's config dataclass: its defaults are the seed architecture
+    recipe: dict           # the seed recipe's training values (lmkit.config.TrainConfig fields)
+    presets: dict = field(default_factory=dict)  # name -> flag values that differ from the seed
+    pad_vocab_to: int = 1  # round the tokenizer's vocabulary up to a multiple of this
+    default_top_k: int = None  # sampling's default --top-k
+
+    def model_config(self, model_values: dict, vocab_size: int):
+        vocab = -(-vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+        return self.config_cls(**{**model_values, "vocab_size": vocab})
