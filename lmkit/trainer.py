@@ -28,6 +28,7 @@ from lmkit.files import (REPO_ROOT, RunPaths, atomic_write_text, ensure_writable
                          remove_stale_temp_files)
 from lmkit.generation import generate
 from lmkit.history import TrainingHistory
+from lmkit.optim import make_optimizer
 from lmkit.plotting import plot_losses
 from lmkit.schedule import lr_at
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
@@ -91,14 +92,6 @@ class ProgressDisplay:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def make_optimizer(model, cfg, device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=dev.has_fused_adamw(device))
 
 
 def resumed_values(family, flags: dict, state: dict) -> dict:
