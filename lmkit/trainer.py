@@ -28,7 +28,7 @@ from lmkit.files import (REPO_ROOT, RunPaths, atomic_write_text, ensure_writable
                          remove_stale_temp_files)
 from lmkit.generation import generate
 from lmkit.history import TrainingHistory
-from lmkit.optim import make_optimizer
+from lmkit.optim import make_optimizer, set_learning_rate
 from lmkit.plotting import plot_losses
 from lmkit.schedule import lr_at
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
@@ -245,8 +245,7 @@ class Trainer:
         when due. Returns True when a stop was requested (the step's work is saved)."""
         cfg, started = self.cfg, time.time()
         lr = lr_at(self.history.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         batches = self.sampler.step_batches(cfg.grad_accum_steps, self.procs.rank,
                                             self.procs.world_size, self.device)
         loss_sum = torch.zeros((), device=self.device)
