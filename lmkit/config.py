@@ -6,6 +6,7 @@ and the model's own config dataclass in its model.py (the architecture). A model
 recipe.
 """
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from lmkit.errors import UserError
@@ -39,7 +40,8 @@ class TrainConfig:
     seed: int = option("random seed for initialisation, batches and dropout", 1337)
     log_interval: int = option("steps between progress updates", 50)
     dtype: str = option("compute precision; auto: bfloat16 autocast where it is supported and "
-                        "faster, else float32", "auto", ["auto", "float32", "bfloat16"])
+                        "faster, float16 with a gradient scaler on CUDA GPUs without bfloat16, "
+                        "else float32", "auto", ["auto", "float32", "bfloat16", "float16"])
     compile: bool = option("torch.compile the model (pays off on long runs)", False)
     sample_tokens: int = option("tokens in the sample written at the end of training", 300)
     data_dir: str = option("folder with train.bin, val.bin and meta.json (default: "
@@ -51,7 +53,10 @@ class TrainConfig:
                           "the checkpoint's values", False)
     run: str = option("name of the subfolder in checkpoints/, plots/ and samples/ (default: "
                       "the model's name)", "")
-    overwrite: bool = option("start afresh even if checkpoints/<run>/ already holds a run", False)
+    overwrite: bool = option("start afresh even if checkpoints/<run>/ already holds a run (its "
+                             "files go once the new run has saved its first checkpoint)", False)
+    new_data: bool = option("with --resume: continue although the data was prepared from "
+                            "another text since the run was saved", False)
     out_dir: str = option("folder holding checkpoints/, plots/ and samples/ (default: the "
                           "repository root)", "")
 
@@ -59,7 +64,7 @@ class TrainConfig:
         return asdict(self)
 
 
-PER_INVOCATION = ("device", "resume", "run", "overwrite", "out_dir")
+PER_INVOCATION = ("device", "resume", "run", "overwrite", "new_data", "out_dir")
 
 # Help for the architecture flags, which come from the model's own config dataclass.
 MODEL_HELP = {
@@ -69,6 +74,13 @@ MODEL_HELP = {
     "n_embd": "embedding width",
     "dropout": "dropout probability",
     "bias": "biases in the linear and LayerNorm layers",
+    "rotary": "rotary position embeddings on queries and keys instead of a learned position "
+              "table (needs an even n_embd / n_head)",
+    "rmsnorm": "RMSNorm instead of LayerNorm",
+    "qk_norm": "RMSNorm on every head's queries and keys before attention (QK-norm)",
+    "relu_squared": "relu(x)^2 as the MLP activation instead of the model's ReLU or GELU",
+    "zero_init": "start the attention and MLP output projections at zero (and the bigram "
+                 "model's head; the gpt head is tied to the token embedding)",
 }
 
 # torchrun's own parser takes a script's "--run" for an abbreviation of its "--run-path";
@@ -85,7 +97,7 @@ def model_fields(family) -> dict:
     return {f.name: f for f in fields(family.config_cls) if f.name != "vocab_size"}
 
 
-def seed_values(family) -> dict:
+def recipe_values(family) -> dict:
     """Every flag's value in the family's seed recipe."""
     values = {name: f.default for name, f in train_fields().items() if f.default is not MISSING}
     values.update(family.recipe)
@@ -99,7 +111,7 @@ def build_parser(family, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=["seed", *family.presets], default=None,
                         help="starting values for every flag below; any flag overrides it "
                              "(default: seed)")
-    seed = seed_values(family)
+    seed = recipe_values(family)
     for name, f in {**train_fields(), **model_fields(family)}.items():
         shown = [f"seed: {seed[name]}"] + [f"{preset}: {values[name]}" for preset, values
                                            in family.presets.items() if name in values]
@@ -146,6 +158,11 @@ def validate(cfg: TrainConfig, model_values: dict) -> None:
          f"{model_values['n_head']}; pick sizes where it is (for example --n-embd 384 --n-head 6)")
     need(0 <= model_values["dropout"] < 1, f"--dropout must be in [0, 1), got "
                                            f"{model_values['dropout']}")
+    floats = {**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.type is float},
+              **{k: v for k, v in model_values.items() if isinstance(v, float)}}
+    for name, value in floats.items():
+        need(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     need(cfg.learning_rate > 0, f"--learning-rate must be positive, got {cfg.learning_rate}")
     need(0 <= cfg.min_lr <= cfg.learning_rate,
          f"--min-lr must be between 0 and --learning-rate, got {cfg.min_lr}")

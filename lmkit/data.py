@@ -45,9 +45,12 @@ def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"{path} is missing; run `python prepare_data.py` first")
-    expected = meta[f"n_{split}_tokens"]
-    if path.stat().st_size != 2 * expected:  # load_meta already checked expected >= 1
-        raise UserError(f"{path} holds {path.stat().st_size // 2} tokens but meta.json says "
+    expected, size = meta[f"n_{split}_tokens"], path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} is {size} bytes, not a whole number of 2-byte tokens (damaged "
+                        "or not written by prepare_data.py); run `python prepare_data.py` again")
+    if size != 2 * expected:  # load_meta already checked expected >= 1
+        raise UserError(f"{path} holds {size // 2} tokens but meta.json says "
                         f"{expected}; run `python prepare_data.py` again")
     tokens = np.memmap(path, dtype="<u2", mode="r")
     if int(tokens.max()) >= meta["vocab_size"]:

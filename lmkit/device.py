@@ -57,6 +57,9 @@ def slow_dtype_note(device: torch.device, dtype: torch.dtype):
     if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
         return ("note: this CPU has no native bfloat16 (no AVX-512 BF16 or AMX), so --dtype "
                 "bfloat16 is emulated and runs many times slower than --dtype float32")
+    if dtype == torch.float16 and device.type == "cpu" and "amx_fp16" not in _cpu_flags():
+        return ("note: this CPU has no native float16 products (no AMX-FP16), so --dtype "
+                "float16 is emulated and runs slower than --dtype float32")
     return None
 
 
@@ -78,21 +81,52 @@ def compute_dtype(device: torch.device, choice: str, large_matmuls: bool = True)
     models the casts around every op cost more than the faster products save (measured on
     a 2-core AVX-512 BF16 machine: a 128-wide char model ran 10% slower in bfloat16, the
     384-wide one and the 50304-token GPT head 20-25% faster).
+
+    On a CUDA GPU without native bfloat16 (T4, V100, RTX 20xx) auto picks float16, which
+    needs a gradient scaler (see needs_grad_scaler). On Apple GPUs auto keeps float32: MPS
+    autocast (float16; bfloat16 from macOS 14) has not been measured here.
     """
-    if choice == "float32":
-        return torch.float32
-    if choice == "bfloat16":
-        return torch.bfloat16
+    if choice != "auto":
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[choice]
+        check_dtype_supported(device, dtype)
+        return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if has_native_bf16(device) else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     if device.type == "cpu" and large_matmuls and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
 
 
+def check_dtype_supported(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type == "mps" and dtype == torch.bfloat16 and not _macos_at_least(14):
+        raise UserError("bfloat16 on an Apple GPU needs macOS 14 or later; use --dtype float16 "
+                        "or float32", exit_code=2)
+
+
+def _macos_at_least(major: int) -> bool:
+    import platform
+    version = platform.mac_ver()[0]
+    return bool(version) and int(version.split(".")[0]) >= major
+
+
+def needs_grad_scaler(dtype: torch.dtype) -> bool:
+    """float16's narrow range lets small gradients underflow unless the loss is scaled up."""
+    return dtype == torch.float16
+
+
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """For summing many losses: float64, except on Apple GPUs, which have none."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def check_can_compile() -> None:
+    """torch.compile builds C++ with the machine's compiler; refuse --compile without one."""
+    import shutil
+    candidates = [os.environ.get("CXX"), "g++", "clang++", "c++", "cl"]
+    if not any(name and shutil.which(name) for name in candidates):
+        raise UserError("--compile needs a C++ compiler (g++ or clang++) on the PATH and this "
+                        "machine has none; install one or train without --compile", exit_code=2)
 
 
 def has_fused_adamw(device: torch.device) -> bool:
@@ -153,13 +187,41 @@ def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state saved; a checkpoint from another device restores the CPU's."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def available_memory_bytes():
+    """Memory the machine can still give this process (Linux and macOS), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, and the plain RuntimeError that Apple
+    GPUs raise ("MPS backend out of memory")."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 @dataclass

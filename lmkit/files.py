@@ -39,6 +39,16 @@ class RunPaths:
         return self.plots / "loss_plot.png"
 
 
+def check_run_name(name: str) -> str:
+    """A run name names a folder inside checkpoints/, plots/ and samples/: never a path."""
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if (not name or name in (".", "..") or any(s in name for s in separators) or "\0" in name
+            or name != name.strip()):
+        raise UserError(f"--run {name!r} is not a run name: a run name is one folder name, with no "
+                        "path separator, not '.' or '..', and no space at either end", exit_code=2)
+    return name
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -137,3 +147,51 @@ def remove_stale_temp_files(folder) -> None:
                 leftover.unlink()
             except OSError:
                 pass
+
+
+class RunLock:
+    """Ownership of a run's folder while a process trains it: an exclusive lock on a .lock
+    file that the operating system drops when the process ends, however it ends."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.file = None
+
+    def acquire(self, what: str) -> None:
+        """Take the lock, or refuse at once with one sentence naming the process that holds it."""
+        ensure_writable_dirs(self.path.parent)
+        self.file = open(self.path, "a+")
+        if not _try_lock(self.file):
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise UserError(f"{what} is in use by {holder}; wait for it to finish, stop it, or "
+                            "choose another --run")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()}")
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the lock
+            self.file = None
+
+
+def _try_lock(f) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False

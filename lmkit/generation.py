@@ -31,6 +31,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    if temperature < 1e-3:  # logits / temperature could overflow: shift the largest to 0 first
+        logits = logits - logits.amax(dim=-1, keepdim=True)
     probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
     # The index of the largest probs / Exponential(1) is an exact draw from probs (the
     # "exponential race"). torch.multinomial draws one sample the same way, but first checks

@@ -30,12 +30,14 @@ class TrainingHistory:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.train_seconds, self.tokens_at_eval = 0.0, 0
 
-    def record_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, seconds: float) -> int:
-        """Count one finished optimizer step; return its number."""
+    def record_step(self, loss: torch.Tensor, grad_norm, seconds: float) -> int:
+        """Count one finished optimizer step; return its number. grad_norm None: not checked."""
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         self.train_seconds += seconds
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        bad = ~torch.isfinite(loss)
+        if grad_norm is not None:
+            bad |= ~torch.isfinite(grad_norm)
         self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
         self.window_losses.append(loss)
         return self.step

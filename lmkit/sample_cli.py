@@ -2,6 +2,7 @@
 
 The generation maths (filtering, drawing, the KV-cache loop) is lmkit/generation.py."""
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint
 from lmkit.errors import UserError
-from lmkit.files import REPO_ROOT, RunPaths, atomic_write_text, ensure_writable_dirs, read_user_file
+from lmkit.files import (REPO_ROOT, RunPaths, atomic_write_text, check_run_name, ensure_writable_dirs,
+                         read_user_file)
 from lmkit.generation import generate
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
 
@@ -57,6 +59,10 @@ def check_args(args) -> None:
     need(args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     need(args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both")
     need(args.out is None or not args.out.is_dir(), f"--out {args.out} is a folder; give a file name")
+    need(0 <= args.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    need(math.isfinite(args.temperature), f"--temperature must be a finite number, got "
+                                          f"{args.temperature}")
+    check_run_name(args.run)
 
 
 def find_checkpoint(args, kind: str) -> Path:
@@ -114,21 +120,39 @@ def unused_path(path: Path) -> Path:
 
 
 class Streamer:
-    """Prints the first row's text as tokens arrive, holding back half-finished UTF-8."""
+    """Prints the first row's text as tokens arrive. Each token is decoded once, held back only
+    while it ends in half a UTF-8 character (at most 4 tokens, then shown replaced)."""
 
     def __init__(self, tokenizer, prompt_text: str):
         self.tokenizer = tokenizer
-        self.ids = []
-        self.printed = 0
+        self.pending = []
         print(prompt_text, end="", flush=True)
 
     def __call__(self, token: torch.Tensor) -> None:
-        self.ids.append(int(token[0, 0]))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.pending.append(int(token[0, 0]))
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:
             return
-        print(text[self.printed:], end="", flush=True)
-        self.printed = len(text)
+        print(text, end="", flush=True)
+        self.pending = []
+
+    def finish(self) -> None:
+        print(self.tokenizer.decode(self.pending) if self.pending else "", flush=True)
+
+
+def write_like_the_shell(path: Path, text: str) -> None:
+    """Write text to --out as `>` would: into a FIFO or a device as it is, through a symlink to
+    its target; a regular file (or a new one) is replaced atomically."""
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror}); choose another --out") from None
+        return
+    atomic_write_text(path, text)
 
 
 def main(family, description: str, argv=None) -> int:
@@ -154,16 +178,28 @@ def main(family, description: str, argv=None) -> int:
 
     out_path = args.out or unused_path(RunPaths.for_run(args.out_dir, args.run).samples /
                                        f"samples-{time.strftime('%Y%m%d-%H%M%S')}.txt")
-    ensure_writable_dirs(out_path.parent)
+    if out_path.is_file() or not out_path.exists():  # a device or FIFO needs no folder check
+        ensure_writable_dirs(out_path.parent)
 
-    t0 = time.time()
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, generator=generator, use_cache=not args.no_kv_cache,
-                   vocab_size=meta["vocab_size"], on_token=streamer)
-    dev.synchronize(device)
+    new_tokens = []  # (B, 1) each: what a stopped run has made so far is still saved
+
+    def on_token(token):
+        new_tokens.append(token)
+        if streamer:
+            streamer(token)
+
+    t0, stopped = time.time(), False
+    try:
+        generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, generator=generator, use_cache=not args.no_kv_cache,
+                 vocab_size=meta["vocab_size"], on_token=on_token)
+        dev.synchronize(device)
+    except KeyboardInterrupt:
+        stopped = True
     seconds = time.time() - t0
     if streamer:
-        print(flush=True)
+        streamer.finish()
+    out = torch.cat([idx.cpu(), *(t.cpu() for t in new_tokens)], dim=1)
     skip = 0 if prompt_text else len(ids)  # the start token of an empty prompt is not text
     texts = [tokenizer.decode(row[skip:].tolist()) for row in out]
 
@@ -172,13 +208,17 @@ def main(family, description: str, argv=None) -> int:
               f"# num_samples={args.num_samples} max_new_tokens={args.max_new_tokens} "
               f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
               f"seed={args.seed} kv_cache={not args.no_kv_cache} prompt={prompt_text!r}\n")
+    if stopped:
+        header += f"# stopped after {len(new_tokens)} of {args.max_new_tokens} tokens\n"
     blocks = [f"---------- sample {i + 1}/{len(texts)} ----------\n{t}\n" for i, t in enumerate(texts)]
+    write_like_the_shell(out_path, header + "\n" + "\n".join(blocks))  # saved before shown
     if not args.stream:
         print("\n".join(blocks), flush=True)
     elif len(blocks) > 1:
         print("\n".join(blocks[1:]), flush=True)
-    atomic_write_text(out_path, header + "\n" + "\n".join(blocks))
-    n_tokens = args.num_samples * args.max_new_tokens
+    n_tokens = args.num_samples * len(new_tokens)
     print(f"{n_tokens} tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); "
-          f"saved to {out_path}", file=sys.stderr)
+          f"saved to {out_path}" + ("; stopped early" if stopped else ""), file=sys.stderr)
+    if stopped:
+        return 130
     return 0

@@ -8,6 +8,7 @@ for the loop around it. `Trainer.__init__` sets a run up in four phases: open th
 import csv
 import io
 import math
+import shlex
 import signal
 import sys
 import time
@@ -21,11 +22,11 @@ from tqdm import tqdm
 
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint, save_checkpoint
-from lmkit.config import PER_INVOCATION, parse_flags, seed_values, split_values, validate
+from lmkit.config import PER_INVOCATION, parse_flags, recipe_values, split_values, validate
 from lmkit.data import BatchSampler, eval_windows, load_meta, load_split, window_batches
 from lmkit.errors import UserError
-from lmkit.files import (REPO_ROOT, RunPaths, atomic_write_text, ensure_writable_dirs,
-                         remove_stale_temp_files)
+from lmkit.files import (REPO_ROOT, RunLock, RunPaths, atomic_write_text, check_run_name,
+                         ensure_writable_dirs, remove_stale_temp_files)
 from lmkit.generation import generate
 from lmkit.history import TrainingHistory
 from lmkit.optim import make_optimizer, set_learning_rate
@@ -41,27 +42,36 @@ METRIC_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen
 
 
 class StopRequest:
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """Ctrl-C, SIGTERM or SIGHUP (what schedulers send on preemption or shutdown) ask the loop
+    to stop after the current step and save; a second signal aborts without saving."""
 
     def __init__(self, announce: bool = True):
         self.requested = False
-        self.previous = None
+        self.signal = signal.SIGINT  # the one that asked; it sets the exit code
+        self.previous = {}
         self.announce = announce
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):  # Windows has no SIGHUP
+                self.previous[name] = signal.signal(getattr(signal, name), self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal = True, signum
         if self.announce:
-            print("\nstopping after this step (Ctrl-C again to abort without saving)",
-                  file=sys.stderr)
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (send it again to "
+                  "abort without saving)", file=sys.stderr)
+
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process that signal ended."""
+        return 128 + int(self.signal)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 class ProgressDisplay:
@@ -94,9 +104,33 @@ class ProgressDisplay:
             self.bar.close()
 
 
+def derived_seed(seed: int, offset: int) -> int:
+    """A seed for one purpose (a rank's dropout, an evaluation's batches), in torch's range."""
+    return (seed + offset) % 2 ** 63
+
+
+def check_fits_in_memory(model_cls, config, cfg) -> None:
+    """Refuse a CPU run that cannot fit before it allocates: past the machine's memory the
+    kernel's OOM killer ends the process with no message and nothing saved. The estimate is
+    a lower bound: weights, gradients and AdamW's two moments (16 bytes a parameter), and
+    about 17 saved activations of width n_embd per token and layer for the backward pass."""
+    available = dev.available_memory_bytes()
+    if available is None:
+        return
+    with torch.device("meta"):  # counts parameters without allocating them
+        n_params = sum(p.numel() for p in model_cls(config).parameters())
+    tokens = cfg.batch_size * config.block_size
+    needed = 16 * n_params + 4 * tokens * (17 * config.n_layer + 2) * config.n_embd
+    if needed > available:
+        raise UserError(f"this run needs at least {needed / 2 ** 30:,.1f} GiB of memory and the "
+                        f"machine has {available / 2 ** 30:,.1f} GiB available; use a smaller "
+                        "--batch-size with a larger --grad-accum-steps (the same tokens per "
+                        "step), or a smaller model")
+
+
 def resumed_values(family, flags: dict, state: dict) -> dict:
     """On --resume, flags the user left out take the checkpoint's values."""
-    values = seed_values(family)
+    values = recipe_values(family)
     # Checkpoints before the model config had its own flags kept those in train_config too.
     saved = {**state.get("train_config", {}), **state["model_config"]}
     values.update({k: v for k, v in saved.items() if k in values and k not in PER_INVOCATION})
@@ -104,7 +138,8 @@ def resumed_values(family, flags: dict, state: dict) -> dict:
     return values
 
 
-def check_compatible(state: dict, family, model_config, meta: dict, path: Path) -> None:
+def check_compatible(state: dict, family, model_config, meta: dict, path: Path,
+                     new_data: bool) -> None:
     diffs = []
     if state["kind"] != family.kind:
         diffs.append(f"model kind {state['kind']} -> {family.kind}")
@@ -119,6 +154,11 @@ def check_compatible(state: dict, family, model_config, meta: dict, path: Path) 
     if diffs:
         raise UserError(f"cannot resume from {path}: it differs in {', '.join(diffs)}; drop the "
                         "changed flags, or start a new model with --run NAME")
+    saved_text, text = state["meta"].get("source_sha256"), meta.get("source_sha256")
+    if saved_text and text and saved_text != text and not new_data:
+        raise UserError(f"the data was prepared from another text since {path} was saved (sha256 "
+                        f"{saved_text[:12]}... then, {text[:12]}... now); prepare the old text "
+                        "again, or add --new-data to continue on the new one")
 
 
 class Trainer:
@@ -127,12 +167,18 @@ class Trainer:
         self.family = family
         self.procs, self.device = dev.start_processes(flags.get("device", "auto"))
         self.is_main = self.procs.is_main
-        state = self._open_run(flags)
-        self._load_data()
-        self._build_model_and_optimizer()
-        self.history = TrainingHistory(self.tokens_per_step, self.device)
-        if state is not None:
-            self._restore(state)
+        self.lock = None  # rank 0 owns the run folder from _open_run on; close() lets go
+        self.replacing = False  # --overwrite: the old run's files stay until the first save
+        try:
+            state = self._open_run(flags)
+            self._load_data()
+            self._build_model_and_optimizer()
+            self.history = TrainingHistory(self.tokens_per_step, self.device)
+            if state is not None:
+                self._restore(state)
+        except BaseException:
+            self.close()
+            raise
         self.forward_model = self.model  # what the training step calls: compiled, DDP-wrapped
         if self.cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
@@ -145,13 +191,19 @@ class Trainer:
     # ---- setup, in the order __init__ runs it -------------------------------------------
     def _open_run(self, flags: dict):
         """The run folder, the checkpoint to resume (or None), and the run's configuration."""
-        self.run = flags.get("run") or self.family.kind
+        self.run = check_run_name(flags.get("run") or self.family.kind)
         out_dir = Path(flags["out_dir"]) if flags.get("out_dir") else REPO_ROOT
         self.paths = RunPaths.for_run(out_dir, self.run)
-        if self.is_main:
+        if self.is_main:  # the run's owner; any other command on this run is refused untouched
+            self.lock = RunLock(self.paths.checkpoints)
+            self.lock.acquire(f"run {self.run!r} ({self.paths.checkpoints})")
             for folder in (self.paths.checkpoints, self.paths.plots, self.paths.samples):
                 remove_stale_temp_files(folder)
-        state, values = None, {**seed_values(self.family), **flags}
+            for path in (self.paths.last, self.paths.best, self.paths.metrics):
+                if path.exists() and not path.is_file():
+                    raise UserError(f"{path} is not a file (a folder?); move it away so the run "
+                                    "can write its checkpoints there")
+        state, values = None, {**recipe_values(self.family), **flags}
         if values["resume"]:
             if not self.paths.last.is_file():
                 raise UserError(f"nothing to resume: {self.paths.last} does not exist; train "
@@ -160,6 +212,8 @@ class Trainer:
             values = resumed_values(self.family, flags, state)
         cfg, self.model_values = split_values(self.family, values)
         validate(cfg, self.model_values)
+        if cfg.compile:
+            dev.check_can_compile()
         if cfg.data_dir:  # remembered for --resume, which may run from another folder
             cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
         self.cfg = cfg
@@ -168,9 +222,7 @@ class Trainer:
                 raise UserError(f"{self.paths.checkpoints} already holds a run; continue it with "
                                 "--resume, start another with --run NAME, or replace it with "
                                 "--overwrite")
-            if self.is_main:  # no file of the old run may outlive the start of the new one
-                for old in (self.paths.last, self.paths.best, self.paths.metrics, self.paths.plot):
-                    old.unlink(missing_ok=True)
+            self.replacing = True  # the old run's files go once the new one has saved
         if self.is_main:
             ensure_writable_dirs(self.paths.checkpoints, self.paths.plots, self.paths.samples)
         return state
@@ -204,15 +256,20 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum_steps
         self.dtype = dev.compute_dtype(self.device, cfg.dtype, large_matmuls=
                                        config.n_embd >= 256 or config.vocab_size >= 8192)
+        if self.device.type == "cpu":
+            check_fits_in_memory(self.family.model_cls, config, cfg)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = self.family.model_cls(config).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=dev.needs_grad_scaler(self.dtype))
         self.sampler = BatchSampler(self.train_tokens, config.block_size, cfg.batch_size,
                                     seed=cfg.seed)
-        torch.manual_seed(cfg.seed + 1000 * procs.rank + 1)  # dropout differs per rank
+        torch.manual_seed(derived_seed(cfg.seed, 1000 * procs.rank + 1))  # dropout differs per rank
 
     def _restore(self, state: dict) -> None:
-        check_compatible(state, self.family, self.model_config, self.meta, self.paths.last)
+        check_compatible(state, self.family, self.model_config, self.meta, self.paths.last,
+                         self.cfg.new_data)
         missing = [k for k in RESUME_KEYS if k not in state]
         if missing:
             raise UserError(f"{self.paths.last} lacks {', '.join(missing)} (written by an older "
@@ -224,6 +281,8 @@ class Trainer:
         fresh = make_optimizer(self.model, self.cfg, self.device)
         for group, wanted in zip(self.optimizer.param_groups, fresh.param_groups):
             group.update({k: v for k, v in wanted.items() if k != "params"})
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.history.load_state_dict(state)
         ranks, rank = state["rank_states"], self.procs.rank
         if len(ranks) == self.procs.world_size:
@@ -234,7 +293,7 @@ class Trainer:
         # carries over; dropout streams are per rank, so start fresh ones that depend on the
         # step, keeping the resumed run reproducible.
         self.sampler.set_state(ranks[0]["sampler"])
-        torch.manual_seed(self.cfg.seed + 1000 * rank + 7919 * self.history.step + 1)
+        torch.manual_seed(derived_seed(self.cfg.seed, 1000 * rank + 7919 * self.history.step + 1))
         if self.is_main:
             print(f"resuming a {len(ranks)}-process run with {self.procs.world_size} processes: "
                   "weights, optimizer, step and data order are exact; dropout masks are new")
@@ -255,16 +314,23 @@ class Trainer:
             with nullcontext() if last or not self.procs.distributed else self.forward_model.no_sync():
                 with dev.autocast(self.device, self.dtype):
                     _, loss = self.forward_model(x, y)
-                (loss / len(batches)).backward()
+                self.scaler.scale(loss / len(batches)).backward()
             loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # these scaler calls do nothing unless float16
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # float16: skipped when the gradients overflowed
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-        step = self.history.record_step(loss_sum / len(batches), grad_norm, time.time() - started)
+        step = self.history.step + 1
         at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         at_log = step % cfg.log_interval == 0 or at_eval
+        if at_log:  # on a GPU, time the work done rather than the work queued
+            dev.synchronize(self.device)
+        # With a scaler, an overflowing gradient is expected now and then (the step is skipped).
+        checked_norm = None if self.scaler.is_enabled() else grad_norm
+        self.history.record_step(loss_sum / len(batches), checked_norm, time.time() - started)
         stopping = self._stop_requested(at_log)
         if at_log or stopping:
             self._check_finite()
@@ -317,7 +383,8 @@ class Trainer:
                 sums[0] += loss.to(sums.dtype) * y.numel()
                 sums[1] += y.numel()
             train_sampler = BatchSampler(self.train_tokens, block_size, cfg.batch_size,
-                                         seed=cfg.seed + 1000 * procs.rank + 104729 * self.history.step)
+                                         seed=derived_seed(cfg.seed, 1000 * procs.rank
+                                                           + 104729 * self.history.step))
             for _ in range(procs.rank, cfg.eval_iters, procs.world_size):
                 _, loss = model(*train_sampler.next_batch(self.device))
                 sums[2] += loss.to(sums.dtype)
@@ -339,6 +406,7 @@ class Trainer:
             "train_config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),  # empty unless float16
             **self.history.state_dict(),
             "rank_states": dev.all_gather_objects(mine, self.procs),
             "meta": self.meta,
@@ -355,6 +423,11 @@ class Trainer:
             save_checkpoint(self.paths.best, state)
         save_checkpoint(self.paths.last, state)
         self.history.saved_step = self.history.step
+        if self.replacing:  # the new run now has a checkpoint: the old run's files may go
+            stale = ([] if is_best else [self.paths.best]) + ([] if evaluated else [self.paths.plot])
+            for path in stale:
+                path.unlink(missing_ok=True)
+            self.replacing = False
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, lineterminator="\n")
         writer.writeheader()
@@ -412,12 +485,17 @@ class Trainer:
             if self.is_main:
                 print(f"stopped at step {self.history.step}; {self.paths.last} is saved. "
                       f"Continue with:\n  python {kind}/train.py --resume"
-                      + (f" --run {self.run}" if self.run != kind else "")
-                      + (f" --out-dir {cfg.out_dir}" if cfg.out_dir else ""))
-            return 130
+                      + (f" --run {shlex.quote(self.run)}" if self.run != kind else "")
+                      + (f" --out-dir {shlex.quote(cfg.out_dir)}" if cfg.out_dir else ""))
+            return self.stop.exit_code()
         if self.is_main:
             self._report()
         return 0
+
+    def close(self) -> None:
+        """Let go of the run folder (the process's end would too)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _report(self) -> None:
         sample = self.write_sample() if self.cfg.sample_tokens else None
@@ -430,9 +508,13 @@ class Trainer:
 
 def main(family, description: str, argv=None) -> int:
     flags = parse_flags(family, description, argv)
+    trainer = None
     try:
-        code = Trainer(family, flags).fit()
+        trainer = Trainer(family, flags)
+        code = trainer.fit()
         dev.stop_processes(wait_for_all=True)
         return code
     finally:
+        if trainer is not None:
+            trainer.close()
         dev.stop_processes()

@@ -13,6 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import prepare_data  # noqa: E402
+from lmkit.history import TrainingHistory  # noqa: E402
+from lmkit.trainer import Trainer  # noqa: E402
 
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CACHED_CORPUS = REPO_ROOT / "data" / "input.txt"
@@ -76,6 +78,26 @@ def read_metrics(out_dir, run) -> list:
 def saved_weights(out_dir, run, name="last.pt") -> dict:
     """The model weights saved in checkpoints/<run>/<name>."""
     return torch.load(out_dir / "checkpoints" / run / name, weights_only=True)["model"]
+
+
+def stop_requested_during(step_to_stop: int, monkeypatch):
+    """Make the trainer see a Ctrl-C during the given step, without a real signal."""
+    original = TrainingHistory.record_step
+
+    def record_step(self, loss, grad_norm, seconds):
+        if self.step + 1 == step_to_stop:  # the step being finished now
+            active_trainer[0].stop.requested = True
+        return original(self, loss, grad_norm, seconds)
+
+    active_trainer = []
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        active_trainer[:] = [self]
+
+    monkeypatch.setattr(TrainingHistory, "record_step", record_step)
+    monkeypatch.setattr(Trainer, "__init__", init)
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,12 @@ import torch
 from bigram.model import BigramConfig, BigramLanguageModel
 from bigram.family import FAMILY as BIGRAM
 from bigram.train import main as bigram_main
-from conftest import read_metrics, run_script, saved_weights, tiny_flags
+from conftest import read_metrics, run_script, saved_weights, stop_requested_during, tiny_flags
 from gpt.model import GPT, GPTConfig
 from gpt.family import FAMILY as GPT_FAMILY
 from gpt.train import main as gpt_main
-from lmkit import trainer
-from lmkit.config import seed_values, split_values
+from lmkit.config import recipe_values, split_values
 from lmkit.errors import UserError
-from lmkit.history import TrainingHistory
 from lmkit.schedule import lr_at
 from lmkit.tokenizers import tokenizer_from_meta
 
@@ -24,7 +22,7 @@ MAINS = {"bigram": (bigram_main, "char"), "gpt": (gpt_main, "gpt2")}
 
 def seed_train_config(family, **changes):
     """The TrainConfig of a family's seed recipe, with some values changed."""
-    return split_values(family, {**seed_values(family), **changes})[0]
+    return split_values(family, {**recipe_values(family), **changes})[0]
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
@@ -66,26 +64,6 @@ def test_val_bpc_is_val_loss_in_bits_per_character(kind, prepared, tmp_path):
     assert float(row["val_bpc"]) == pytest.approx(expected, rel=1e-6)
     if kind == "bigram":
         assert float(row["val_bpc"]) == pytest.approx(float(row["val_loss"]) / math.log(2), rel=1e-6)
-
-
-def stop_requested_during(step_to_stop: int, monkeypatch):
-    """Make the trainer see a Ctrl-C during the given step, without a real signal."""
-    original = TrainingHistory.record_step
-
-    def record_step(self, loss, grad_norm, seconds):
-        if self.step + 1 == step_to_stop:  # the step being finished now
-            active_trainer[0].stop.requested = True
-        return original(self, loss, grad_norm, seconds)
-
-    active_trainer = []
-    original_init = trainer.Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        active_trainer[:] = [self]
-
-    monkeypatch.setattr(TrainingHistory, "record_step", record_step)
-    monkeypatch.setattr(trainer.Trainer, "__init__", init)
 
 
 @pytest.mark.parametrize("kind,stop_step", [("bigram", 7), ("gpt", 6)])
@@ -176,7 +154,7 @@ def test_seed_config_parameter_counts():
 
 
 def test_gpt_vocabulary_is_padded_and_residual_init_scaled():
-    config = GPT_FAMILY.model_config(split_values(GPT_FAMILY, seed_values(GPT_FAMILY))[1], 50257)
+    config = GPT_FAMILY.model_config(split_values(GPT_FAMILY, recipe_values(GPT_FAMILY))[1], 50257)
     assert config == GPTConfig()  # the seed architecture, vocabulary padded to 50304
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=512))
@@ -293,17 +271,6 @@ def test_foreign_meta_json_is_refused(change, prepared, tmp_path):
     (data / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="not a meta.json written by prepare_data.py"):
         bigram_main(tiny_flags(data, tmp_path))
-
-
-def test_overwrite_removes_the_old_runs_files_first(prepared, tmp_path, monkeypatch):
-    flags = tiny_flags(prepared / "char", tmp_path, max_iters=6)
-    assert bigram_main(flags) == 0
-    original = trainer.Trainer.fit
-    monkeypatch.setattr(trainer.Trainer, "fit", lambda self: 0)  # start, then stop at once
-    assert bigram_main(flags + ["--overwrite"]) == 0
-    monkeypatch.setattr(trainer.Trainer, "fit", original)
-    assert not list((tmp_path / "checkpoints" / "bigram").glob("*.pt"))
-    assert not (tmp_path / "plots" / "bigram" / "loss_plot.png").exists()
 
 
 def test_explicit_bfloat16_on_a_cpu_without_it_says_it_is_slow(prepared, tmp_path, capsys):
