@@ -13,7 +13,7 @@ def test_bench_writes_every_measurement(prepared, tmp_path):
                         "--n-head", 2, "--block-size", 16, "--batch-size", 4, "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
-    for key in ("tokens_per_s", "ms_per_step", "matmul_peak_fp32", "matmul_peak_bf16",
+    for key in ("tokens_per_s", "ms_per_step", "first_step_s", "matmul_peak_fp32", "matmul_peak_bf16",
                 "mfu_vs_fp32", "mfu_vs_bf16", "peak_memory_mb", "prepare_data_s"):
         assert key in numbers
     assert numbers["tokens_per_s"] > 0 and numbers["params"] > 0
