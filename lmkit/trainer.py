@@ -2,8 +2,9 @@
 
 Read `Trainer.train_step` for one optimizer step, from the batch to the update and on to
 what follows it (a progress line, an evaluation with checkpoints, a stop), and `Trainer.fit`
-for the loop around it. `Trainer.__init__` sets a run up in four phases: open the run folder
-(and the checkpoint to resume), load the data, build the model and optimizer, restore.
+for the loop around it. `Trainer.__init__` sets a run up in five short phases: read the
+configuration (and the checkpoint to resume), claim the run's folder, load the data, build the
+model and optimizer, restore.
 """
 import csv
 import io
@@ -167,10 +168,11 @@ class Trainer:
         self.family = family
         self.procs, self.device = dev.start_processes(flags.get("device", "auto"))
         self.is_main = self.procs.is_main
-        self.lock = None  # rank 0 owns the run folder from _open_run on; close() lets go
+        self.lock = None  # rank 0 owns the run folder from _claim_run_folder on; close() lets go
         self.replacing = False  # --overwrite: the old run's files stay until the first save
         try:
-            state = self._open_run(flags)
+            state = self._configure(flags)
+            self._claim_run_folder()
             self._load_data()
             self._build_model_and_optimizer()
             self.history = TrainingHistory(self.tokens_per_step, self.device)
@@ -189,25 +191,17 @@ class Trainer:
         self.display = ProgressDisplay(enabled=self.is_main)
 
     # ---- setup, in the order __init__ runs it -------------------------------------------
-    def _open_run(self, flags: dict):
-        """The run folder, the checkpoint to resume (or None), and the run's configuration."""
+    def _configure(self, flags: dict):
+        """The run's name, folders and configuration, and the checkpoint to resume (or None)."""
         self.run = check_run_name(flags.get("run") or self.family.kind)
         out_dir = Path(flags["out_dir"]) if flags.get("out_dir") else REPO_ROOT
         self.paths = RunPaths.for_run(out_dir, self.run)
-        if self.is_main:  # the run's owner; any other command on this run is refused untouched
-            self.lock = RunLock(self.paths.checkpoints)
-            self.lock.acquire(f"run {self.run!r} ({self.paths.checkpoints})")
-            for folder in (self.paths.checkpoints, self.paths.plots, self.paths.samples):
-                remove_stale_temp_files(folder)
-            for path in (self.paths.last, self.paths.best, self.paths.metrics):
-                if path.exists() and not path.is_file():
-                    raise UserError(f"{path} is not a file (a folder?); move it away so the run "
-                                    "can write its checkpoints there")
         state, values = None, {**recipe_values(self.family), **flags}
         if values["resume"]:
             if not self.paths.last.is_file():
                 raise UserError(f"nothing to resume: {self.paths.last} does not exist; train "
                                 f"without --resume first (python {self.family.kind}/train.py)")
+            # Reading is safe even beside a running writer, which replaces whole files.
             state = load_checkpoint(self.paths.last)
             values = resumed_values(self.family, flags, state)
         cfg, self.model_values = split_values(self.family, values)
@@ -217,19 +211,34 @@ class Trainer:
         if cfg.data_dir:  # remembered for --resume, which may run from another folder
             cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
         self.cfg = cfg
-        if not cfg.resume and self.paths.last.is_file():
-            if not cfg.overwrite:
-                raise UserError(f"{self.paths.checkpoints} already holds a run; continue it with "
+        return state
+
+    def _claim_run_folder(self) -> None:
+        """Become the run's only writer (rank 0), then check its folders can take the outputs.
+        Nothing in them changes before the lock is held."""
+        paths = self.paths
+        if not self.cfg.resume and paths.last.is_file():
+            if not self.cfg.overwrite:
+                raise UserError(f"{paths.checkpoints} already holds a run; continue it with "
                                 "--resume, start another with --run NAME, or replace it with "
                                 "--overwrite")
             self.replacing = True  # the old run's files go once the new one has saved
-        if self.is_main:
-            ensure_writable_dirs(self.paths.checkpoints, self.paths.plots, self.paths.samples)
-        return state
+        if not self.is_main:
+            return
+        self.lock = RunLock(paths.checkpoints)
+        self.lock.acquire(f"run {self.run!r} ({paths.checkpoints})")
+        for folder in (paths.checkpoints, paths.plots, paths.samples):
+            remove_stale_temp_files(folder)
+        for path in (paths.last, paths.best, paths.metrics):
+            if path.exists() and not path.is_file():
+                raise UserError(f"{path} is not a file (a folder?); move it away so the run can "
+                                "write its checkpoints there")
+        ensure_writable_dirs(paths.checkpoints, paths.plots, paths.samples)
 
     def _load_data(self) -> None:
         kind, tokenizer = self.family.kind, self.family.tokenizer
-        self.data_dir = Path(self.cfg.data_dir) if self.cfg.data_dir else REPO_ROOT / "data" / tokenizer
+        self.data_dir = (Path(self.cfg.data_dir) if self.cfg.data_dir
+                         else REPO_ROOT / "data" / tokenizer)
         self.meta = load_meta(self.data_dir)
         if self.meta.get("tokenizer") != tokenizer:
             raise UserError(f"{self.data_dir} holds {self.meta.get('tokenizer')} tokens but the "
@@ -311,7 +320,8 @@ class Trainer:
         for micro, (x, y) in enumerate(batches):
             # Under DDP, gradients are averaged across processes after the last micro-batch only.
             last = micro == len(batches) - 1
-            with nullcontext() if last or not self.procs.distributed else self.forward_model.no_sync():
+            sync = last or not self.procs.distributed
+            with nullcontext() if sync else self.forward_model.no_sync():
                 with dev.autocast(self.device, self.dtype):
                     _, loss = self.forward_model(x, y)
                 self.scaler.scale(loss / len(batches)).backward()
@@ -424,9 +434,10 @@ class Trainer:
         save_checkpoint(self.paths.last, state)
         self.history.saved_step = self.history.step
         if self.replacing:  # the new run now has a checkpoint: the old run's files may go
-            stale = ([] if is_best else [self.paths.best]) + ([] if evaluated else [self.paths.plot])
-            for path in stale:
-                path.unlink(missing_ok=True)
+            if not is_best:
+                self.paths.best.unlink(missing_ok=True)
+            if not evaluated:
+                self.paths.plot.unlink(missing_ok=True)
             self.replacing = False
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, lineterminator="\n")
