@@ -5,6 +5,7 @@ are RECIPE below. Every flag of gpt/train.py starts from these.
 """
 from gpt.model import GPT, GPTConfig
 from lmkit.family import ModelFamily
+from lmkit.hf import load_gpt2
 
 # 4096 tokens per step: micro-batch 8 x block 64 x 8 accumulation steps.
 RECIPE = dict(max_iters=4000, eval_interval=250, eval_iters=50, batch_size=8,
@@ -16,7 +17,14 @@ PRESETS = {
     # About ten minutes on a 2-core CPU.
     "cpu": dict(max_iters=600, eval_interval=100, eval_iters=20, grad_accum_steps=4,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=60),
+    # nanoGPT's finetune_shakespeare: GPT-2 124M's weights, 32,768 tokens per step (micro-batch
+    # 1 x block 1024 x 32 accumulation steps), a constant 3e-5 for 20 steps. Not yet measured:
+    # it wants a GPU (about 10 GB of memory in float32) and GPT-2's weights on disk.
+    "finetune": dict(init_from="gpt2", block_size=1024, batch_size=1, grad_accum_steps=32,
+                     learning_rate=3e-5, min_lr=3e-5, lr_schedule="constant", warmup_iters=0,
+                     max_iters=20, eval_interval=5, eval_iters=40, dropout=0.0),
 }
 
 FAMILY = ModelFamily(kind="gpt", tokenizer="gpt2", model_cls=GPT, config_cls=GPTConfig,
-                     recipe=RECIPE, presets=PRESETS, pad_vocab_to=64, default_top_k=50)
+                     recipe=RECIPE, presets=PRESETS, pad_vocab_to=64, default_top_k=50,
+                     load_pretrained=load_gpt2)

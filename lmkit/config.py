@@ -46,6 +46,10 @@ class TrainConfig:
     sample_tokens: int = option("tokens in the sample written at the end of training", 300)
     data_dir: str = option("folder with train.bin, val.bin and meta.json (default: "
                            "data/<tokenizer>; --resume keeps the run's)", "")
+    init_from: str = option("gpt only: start from GPT-2 weights, a Hugging Face GPT-2 folder or "
+                            "a model name (gpt2, gpt2-medium, ...) from the local Hugging Face "
+                            "cache or the network; the model takes its architecture, its "
+                            "positions cropped to --block-size", "")
     # Per invocation: neither saved in the checkpoint nor restored by --resume.
     device: str = option("where to train; auto picks cuda, then mps, then cpu", "auto",
                          ["auto", "cpu", "cuda", "mps"])

