@@ -3,6 +3,7 @@
     python bench.py --model bigram --preset cpu
     python bench.py --model gpt --steps 10 --json bench_gpt.json
     python bench.py --model bigram --preset cpu -- --dtype float32    # any train.py flag after --
+    python bench.py --model gpt --head-loss -- --batch-size 64 --block-size 256   # head chunking
 
 Prints a table and writes the numbers as JSON. It measures; it asserts nothing.
 """
@@ -70,6 +71,38 @@ def bench_training(trainer: Trainer, steps: int, warmup: int) -> dict:
             "tokens_per_s": trainer.tokens_per_step / seconds}
 
 
+def bench_head_loss(trainer: Trainer, repeats: int = 5) -> dict:
+    """ms per forward + backward of the GPT's output-head loss for one micro-batch, chunked at
+    several sizes and plain (full logits, then F.cross_entropy): the numbers to choose the
+    chunking of gpt.model.head_loss on this device."""
+    from gpt.model import head_loss
+    config, device = trainer.model_config, trainer.device
+    rows = trainer.cfg.batch_size * config.block_size
+    x = torch.randn(rows, config.n_embd, device=device, requires_grad=True)
+    weight = torch.randn(config.vocab_size, config.n_embd, device=device, requires_grad=True)
+    targets = torch.randint(config.vocab_size, (rows,), device=device)
+
+    def plain(x, weight, targets):
+        return torch.nn.functional.cross_entropy((x @ weight.t()).float(), targets)
+
+    variants = {f"chunk_{n}": (lambda n: lambda *a: head_loss(*a, chunk_rows=n))(n)
+                for n in (128, 512, 2048, 8192)}
+    variants["plain"] = plain
+    results = {}
+    for name, loss_fn in variants.items():
+        times = []
+        for _ in range(repeats + 1):
+            dev.synchronize(device)
+            t0 = time.perf_counter()
+            with dev.autocast(device, trainer.dtype):
+                loss = loss_fn(x, weight, targets)
+            loss.backward()
+            dev.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        results[name] = 1000 * min(times[1:])
+    return results
+
+
 def bench_sampling(model, device, n_samples: int, n_tokens: int) -> dict:
     model.eval()
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -117,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--sample-tokens", type=int, default=500)
     p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--head-loss", action="store_true",
+                   help="gpt: also time the head loss chunked at several sizes and plain")
     p.add_argument("--json", type=Path, default=Path("bench_results.json"))
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -138,6 +173,8 @@ def main(argv=None) -> int:
                   "compile": trainer.cfg.compile, "params": trainer.model.num_params(),
                   "tokens_per_step": trainer.tokens_per_step}
         result.update(bench_training(trainer, args.steps, args.warmup))
+        if args.head_loss and args.model == "gpt":
+            result["head_loss_ms"] = bench_head_loss(trainer)
         peaks = {"fp32": matmul_peak(device, torch.float32)}
         # A CPU without native bfloat16 emulates it: one 2048^2 product takes about a minute.
         peaks["bf16"] = matmul_peak(device, torch.bfloat16) if dev.has_native_bf16(device) else None
@@ -149,6 +186,7 @@ def main(argv=None) -> int:
             result["sampling_tokens_per_s"] = bench_sampling(trainer.model, device, args.samples,
                                                              args.sample_tokens)
         result["peak_memory_mb"] = dev.peak_memory_bytes(device) / 2 ** 20
+        trainer.close()
     result["prepare_data_s"] = bench_prepare()
 
     width = max(map(len, result)) + 2

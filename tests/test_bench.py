@@ -24,3 +24,16 @@ def test_bench_writes_every_measurement(prepared, tmp_path):
         "one_at_a_time_no_cache", "one_at_a_time_cache", "batched_no_cache", "batched_cache",
         "speedup_batched_cache_vs_one_no_cache"}
     assert "tokens_per_s" in result.stdout
+
+
+def test_bench_times_the_head_loss_chunkings(prepared, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script("bench.py", "--model", "gpt", "--steps", 1, "--warmup", 1,
+                        "--skip-sampling", "--head-loss", "--json", out, "--",
+                        "--data-dir", prepared / "gpt2", "--n-layer", 1, "--n-embd", 16,
+                        "--n-head", 2, "--block-size", 16, "--batch-size", 4,
+                        "--grad-accum-steps", 1, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    timings = json.loads(out.read_text())["head_loss_ms"]
+    assert set(timings) == {"chunk_128", "chunk_512", "chunk_2048", "chunk_8192", "plain"}
+    assert all(ms > 0 for ms in timings.values())
