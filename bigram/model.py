@@ -3,6 +3,10 @@
 The folder is called bigram for history; the model is a decoder-only transformer:
 token + learned position embeddings, n_layer pre-LayerNorm blocks of multi-head causal
 self-attention and a 4x ReLU feed-forward, a final LayerNorm, and a linear head.
+
+BigramConfig's last five fields are options from the modded-nanogpt speedrun, each off by
+default (the lectures' model): rotary position embeddings, RMSNorm, QK-norm, a ReLU-squared
+feed-forward, and zero-initialised output projections.
 """
 from dataclasses import dataclass
 
@@ -21,6 +25,48 @@ class BigramConfig:
     n_head: int = 6
     n_layer: int = 6
     dropout: float = 0.2
+    rotary: bool = False        # rotate queries and keys by position instead of a position table
+    rmsnorm: bool = False       # RMSNorm instead of LayerNorm
+    qk_norm: bool = False       # normalise every head's queries and keys (RMS) before attention
+    relu_squared: bool = False  # relu(x)^2 in the feed-forward instead of relu(x)
+    zero_init: bool = False     # output projections and head start at zero
+
+
+def norm_layer(config: BigramConfig) -> nn.Module:
+    return nn.RMSNorm(config.n_embd) if config.rmsnorm else nn.LayerNorm(config.n_embd)
+
+
+def relu_squared(x):
+    return F.relu(x).square()
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x):
+        return relu_squared(x)
+
+
+def rotate(x, cos, sin):
+    """Turn each pair (x[i], x[i + head_size/2]) of x (..., T, head_size) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: position t turns channel pair i by t * base^(-2i/head_size),
+    so a query-key product depends on how far apart the two tokens are."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        assert head_size % 2 == 0, "rotary needs an even head size (n_embd / n_head)"
+        freqs = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
+        # not saved in checkpoints: they follow from the config
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # (B, n_head, T, head_size)
+        T = x.size(2)
+        return rotate(x, self.cos[:T], self.sin[:T])
 
 
 class MultiHeadAttention(nn.Module):
@@ -29,16 +75,23 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, config: BigramConfig):
         super().__init__()
         self.n_head = config.n_head
+        head_size = config.n_embd // config.n_head
         # query, key and value of every head in one product (the lectures' three per head)
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        self.rotary = Rotary(head_size, config.block_size) if config.rotary else None
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(C, dim=2))
+        if self.qk_norm:  # each head's queries and keys to RMS 1, without gains
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -50,7 +103,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.ReLU(),
+            ReLUSquared() if config.relu_squared else nn.ReLU(),
             nn.Linear(4 * config.n_embd, config.n_embd),
             nn.Dropout(config.dropout),
         )
@@ -62,9 +115,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: BigramConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln1 = norm_layer(config)
         self.sa = MultiHeadAttention(config)
-        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.ln2 = norm_layer(config)
         self.ffwd = FeedForward(config)
 
     def forward(self, x):
@@ -78,11 +131,19 @@ class BigramLanguageModel(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        if not config.rotary:
+            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.apply(self._init_weights)
+        if config.zero_init:
+            # Every block starts as the identity and the head at uniform logits; the random
+            # draws above still happen, so the other weights are those of the default init.
+            for block in self.blocks:
+                nn.init.zeros_(block.sa.proj.weight)
+                nn.init.zeros_(block.ffwd.net[2].weight)
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module):
@@ -97,8 +158,9 @@ class BigramLanguageModel(nn.Module):
     def forward(self, idx, targets=None):
         """Logits for every position (or only the last when no targets), and the mean loss."""
         B, T = idx.shape
-        positions = torch.arange(T, device=idx.device)
-        x = self.token_embedding_table(idx) + self.position_embedding_table(positions)
+        x = self.token_embedding_table(idx)
+        if not self.config.rotary:
+            x = x + self.position_embedding_table(torch.arange(T, device=idx.device))
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -110,6 +172,7 @@ class BigramLanguageModel(nn.Module):
 
     def decoder_weights(self) -> DecoderWeights:
         """The weights in the layout lmkit.decoder runs for fast cached sampling."""
+        c = self.config
         layers = [LayerWeights(ln_1=norm_weights(b.ln1),
                                attn_qkv=linear_weights(b.sa.qkv),
                                attn_proj=linear_weights(b.sa.proj),
@@ -117,8 +180,12 @@ class BigramLanguageModel(nn.Module):
                                mlp_fc=linear_weights(b.ffwd.net[0]),
                                mlp_proj=linear_weights(b.ffwd.net[2]))
                   for b in self.blocks]
+        rotary = self.blocks[0].sa.rotary  # every block holds the same tables
         return DecoderWeights(token_embedding=self.token_embedding_table.weight,
-                              position_embedding=self.position_embedding_table.weight,
+                              position_embedding=None if c.rotary
+                              else self.position_embedding_table.weight,
                               layers=layers, ln_f=norm_weights(self.ln_f),
-                              head=linear_weights(self.lm_head), n_head=self.config.n_head,
-                              activation=F.relu)
+                              head=linear_weights(self.lm_head), n_head=c.n_head,
+                              activation=relu_squared if c.relu_squared else F.relu,
+                              block_size=c.block_size, rmsnorm=c.rmsnorm, qk_norm=c.qk_norm,
+                              rotary=(rotary.cos, rotary.sin) if c.rotary else None)

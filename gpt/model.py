@@ -4,6 +4,10 @@ Pre-LayerNorm blocks of fused-QKV causal self-attention (scaled_dot_product_atte
 4x GELU MLP, learned position embeddings, token embedding tied to the output head, init
 std 0.02 with residual projections scaled by (2 * n_layer) ** -0.5, vocabulary padded to
 50304 (a multiple of 64) for faster matrix multiplies.
+
+GPTConfig's last five fields are options from the modded-nanogpt speedrun, each off by default
+(the GPT-2 model above): rotary position embeddings, RMSNorm, QK-norm, a ReLU-squared MLP, and
+zero-initialised residual projections.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -24,22 +28,73 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.1
     bias: bool = True
+    rotary: bool = False        # rotate queries and keys by position instead of wpe
+    rmsnorm: bool = False       # RMSNorm instead of LayerNorm
+    qk_norm: bool = False       # normalise every head's queries and keys (RMS) before attention
+    relu_squared: bool = False  # relu(x)^2 in the MLP instead of GELU
+    zero_init: bool = False     # residual projections start at zero (the head is tied: kept)
+
+
+def norm_layer(config: GPTConfig) -> nn.Module:
+    if config.rmsnorm:
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def relu_squared(x):
+    return F.relu(x).square()
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x):
+        return relu_squared(x)
+
+
+def rotate(x, cos, sin):
+    """Turn each pair (x[i], x[i + head_size/2]) of x (..., T, head_size) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: position t turns channel pair i by t * base^(-2i/head_size),
+    so a query-key product depends on how far apart the two tokens are."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        assert head_size % 2 == 0, "rotary needs an even head size (n_embd / n_head)"
+        freqs = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)
+        # not saved in checkpoints: they follow from the config
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # (B, n_head, T, head_size)
+        T = x.size(2)
+        return rotate(x, self.cos[:T], self.sin[:T])
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        head_size = config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        self.rotary = Rotary(head_size, config.block_size) if config.rotary else None
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
+        if self.qk_norm:  # each head's queries and keys to RMS 1, without gains
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -50,21 +105,21 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.act = ReLUSquared() if config.relu_squared else nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -132,13 +187,20 @@ class GPT(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if not config.rotary:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(self._init_weights)
+        if config.zero_init:
+            # Every block starts as the identity; the random draws above still happen, so the
+            # other weights are those of the default init.
+            for block in self.h:
+                nn.init.zeros_(block.attn.c_proj.weight)
+                nn.init.zeros_(block.mlp.c_proj.weight)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -155,8 +217,10 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """(logits of the last position, None) without targets; (None, mean loss) with them."""
         B, T = idx.shape
-        positions = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx)
+        if not self.config.rotary:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
         for block in self.h:
             x = block(x)
         x = self.ln_f(x)
@@ -167,6 +231,7 @@ class GPT(nn.Module):
 
     def decoder_weights(self) -> DecoderWeights:
         """The weights in the layout lmkit.decoder runs for fast cached sampling."""
+        c = self.config
         layers = [LayerWeights(ln_1=norm_weights(b.ln_1),
                                attn_qkv=linear_weights(b.attn.c_attn),
                                attn_proj=linear_weights(b.attn.c_proj),
@@ -174,7 +239,12 @@ class GPT(nn.Module):
                                mlp_fc=linear_weights(b.mlp.c_fc),
                                mlp_proj=linear_weights(b.mlp.c_proj))
                   for b in self.h]
-        return DecoderWeights(token_embedding=self.wte.weight, position_embedding=self.wpe.weight,
+        rotary = self.h[0].attn.rotary  # every block holds the same tables
+        return DecoderWeights(token_embedding=self.wte.weight,
+                              position_embedding=None if c.rotary else self.wpe.weight,
                               layers=layers, ln_f=norm_weights(self.ln_f),
-                              head=linear_weights(self.lm_head), n_head=self.config.n_head,
-                              activation=partial(F.gelu, approximate="tanh"))
+                              head=linear_weights(self.lm_head), n_head=c.n_head,
+                              activation=relu_squared if c.relu_squared
+                              else partial(F.gelu, approximate="tanh"),
+                              block_size=c.block_size, rmsnorm=c.rmsnorm, qk_norm=c.qk_norm,
+                              rotary=(rotary.cos, rotary.sin) if c.rotary else None)

@@ -32,6 +32,11 @@ class TrainConfig:
     weight_decay: float = option("AdamW weight decay, applied to tensors of 2+ dimensions")
     beta2: float = option("AdamW beta2")
     # Settings with one default for every model.
+    optimizer: str = option("adamw: AdamW for every weight; muon: Muon for the 2-D matrices "
+                            "inside the blocks, AdamW for the rest", "adamw", ["adamw", "muon"])
+    muon_lr: float = option("Muon's peak learning rate (the schedule scales it like "
+                            "--learning-rate)", 0.02)
+    muon_momentum: float = option("Muon's Nesterov momentum", 0.95)
     beta1: float = option("AdamW beta1", 0.9)
     eps: float = option("AdamW epsilon", 1e-8)
     grad_clip: float = option("clip the gradient norm to this (0 turns clipping off)", 1.0)
@@ -81,7 +86,8 @@ MODEL_HELP = {
     "rotary": "rotary position embeddings on queries and keys instead of a learned position "
               "table (needs an even n_embd / n_head)",
     "rmsnorm": "RMSNorm instead of LayerNorm",
-    "qk_norm": "RMSNorm on every head's queries and keys before attention (QK-norm)",
+    "qk_norm": "scale every head's queries and keys to RMS 1 before attention (QK-norm, no "
+               "gains)",
     "relu_squared": "relu(x)^2 as the MLP activation instead of the model's ReLU or GELU",
     "zero_init": "start the attention and MLP output projections at zero (and the bigram "
                  "model's head; the gpt head is tied to the token embedding)",
@@ -168,6 +174,11 @@ def validate(cfg: TrainConfig, model_values: dict) -> None:
         need(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
     need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     need(cfg.learning_rate > 0, f"--learning-rate must be positive, got {cfg.learning_rate}")
+    need(cfg.muon_lr > 0, f"--muon-lr must be positive, got {cfg.muon_lr}")
+    need(0 <= cfg.muon_momentum < 1, f"--muon-momentum must be in [0, 1), got {cfg.muon_momentum}")
+    head_size = model_values["n_embd"] // model_values["n_head"]
+    need(not model_values.get("rotary") or head_size % 2 == 0,
+         f"--rotary needs an even head size (--n-embd / --n-head), got {head_size}")
     need(0 <= cfg.min_lr <= cfg.learning_rate,
          f"--min-lr must be between 0 and --learning-rate, got {cfg.min_lr}")
     need(cfg.warmup_iters >= -1, f"--warmup-iters must be -1 or more, got {cfg.warmup_iters}")

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from lmkit.files import (REPO_ROOT, RunLock, RunPaths, atomic_write_text, check_
                          ensure_writable_dirs, remove_stale_temp_files)
 from lmkit.generation import generate
 from lmkit.history import TrainingHistory
-from lmkit.optim import make_optimizer, set_learning_rate
+from lmkit.optim import describe, make_optimizer, set_learning_rate
 from lmkit.plotting import plot_losses
 from lmkit.schedule import lr_at
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
@@ -148,7 +148,9 @@ def check_compatible(state: dict, family, model_config, meta: dict, path: Path,
         diffs.append(f"tokenizer {state['meta'].get('tokenizer')} -> {meta.get('tokenizer')}")
     elif state["meta"].get("chars") != meta.get("chars"):
         diffs.append("character vocabulary of the data")
-    saved = state["model_config"]
+    # Options added since the checkpoint was written were off then: their defaults.
+    defaults = {f.name: f.default for f in fields(family.config_cls)}
+    saved = {**defaults, **state["model_config"]}
     for name, value in vars(model_config).items():
         if name != "dropout" and saved.get(name) != value:
             diffs.append(f"{name} {saved.get(name)} -> {value}")
@@ -297,6 +299,11 @@ class Trainer:
             raise UserError(f"{self.paths.last} lacks {', '.join(missing)} (written by an older "
                             "version of this project); it can still be sampled, but start a new "
                             "run to train on")
+        saved_optimizer = state["train_config"].get("optimizer", "adamw")
+        if saved_optimizer != self.cfg.optimizer:
+            raise UserError(f"{self.paths.last} was trained with --optimizer {saved_optimizer}, "
+                            f"whose state does not fit {self.cfg.optimizer}; resume with "
+                            f"--optimizer {saved_optimizer}, or start a new run with --run NAME")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         # load_state_dict brings back the saved hyperparameters; flags given now win.
@@ -497,6 +504,8 @@ class Trainer:
             print(f"{kind}: {self.model.num_params():,} parameters, device {self.device}, "
                   f"{str(self.dtype).replace('torch.', '')}, {self.procs.world_size} process(es), "
                   f"{self.tokens_per_step:,} tokens/step")
+            if self.cfg.optimizer != "adamw":
+                print(f"optimizer: {describe(self.optimizer)}")
             if step:
                 print(f"resuming {self.paths.last} at step {step}")
         self.display.start(step, cfg.max_iters)
