@@ -44,3 +44,30 @@ def plot_losses(path, metrics: list, loss_curve: list, schedule_steps: list, sch
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+X_AXES = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"),
+          "seconds": ("elapsed_s", "wall-clock seconds")}
+
+
+def plot_comparison(path, curves: dict, x: str) -> None:
+    """Overlay the val loss of several runs; curves: label -> metrics rows; x: a key of X_AXES."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    column, label = X_AXES[x]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, rows in curves.items():
+        best = min(float(r["val_loss"]) for r in rows)
+        ax.plot([float(r[column]) for r in rows], [float(r["val_loss"]) for r in rows], "o-",
+                ms=3, label=f"{name} (best {best:.4f})")
+    ax.set_xlabel(label)
+    ax.set_ylabel("val loss (whole split, nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
