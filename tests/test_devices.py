@@ -132,17 +132,17 @@ def test_non_finite_loss_is_caught(device, prepared, tmp_path):
 def test_float16_with_a_grad_scaler_trains_and_resumes_exactly(device, prepared, tmp_path,
                                                                monkeypatch):
     """The scaler's state is in the checkpoint, so a stopped float16 run resumes exactly."""
-    flags = tiny_flags(prepared / "gpt2", tmp_path, device=device, dtype="float16",
+    flags = tiny_flags(prepared / "char", tmp_path, device=device, dtype="float16",
                        learning_rate=1e-2)
-    assert gpt_main(flags + ["--run", "straight"]) == 0
+    assert bigram_main(flags + ["--run", "straight"]) == 0
     state = torch.load(tmp_path / "checkpoints/straight/last.pt", weights_only=True)
     assert state["grad_scaler"]["scale"] > 0  # the scaler ran and was saved
     rows = read_metrics(tmp_path, "straight")
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
     with monkeypatch.context() as patch:
         stop_requested_during(5, patch)
-        assert gpt_main(flags + ["--run", "split"]) == 130
-    assert gpt_main(["--resume", "--run", "split", "--out-dir", str(tmp_path)]) == 0
+        assert bigram_main(flags + ["--run", "split"]) == 130
+    assert bigram_main(["--resume", "--run", "split", "--out-dir", str(tmp_path)]) == 0
     assert_same(saved_weights(tmp_path, "straight"), saved_weights(tmp_path, "split"), device)
 
 
