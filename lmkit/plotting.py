@@ -50,20 +50,25 @@ X_AXES = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"),
           "seconds": ("elapsed_s", "wall-clock seconds")}
 
 
-def plot_comparison(path, curves: dict, x: str) -> None:
-    """Overlay the val loss of several runs; curves: label -> metrics rows; x: a key of X_AXES."""
+Y_AXES = {"loss": ("val_loss", "val loss (whole split, nats/token)"),
+          "bpc": ("val_bpc", "val bits per character (comparable across tokenizers)")}
+
+
+def plot_comparison(path, curves: dict, x: str, y: str = "loss") -> None:
+    """Overlay the val curves of several runs; curves: label -> metrics rows; x and y: keys of
+    X_AXES and Y_AXES."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    column, label = X_AXES[x]
+    (x_column, x_label), (y_column, y_label) = X_AXES[x], Y_AXES[y]
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, rows in curves.items():
-        best = min(float(r["val_loss"]) for r in rows)
-        ax.plot([float(r[column]) for r in rows], [float(r["val_loss"]) for r in rows], "o-",
-                ms=3, label=f"{name} (best {best:.4f})")
-    ax.set_xlabel(label)
-    ax.set_ylabel("val loss (whole split, nats/token)")
+        values = [float(r[y_column]) for r in rows]
+        ax.plot([float(r[x_column]) for r in rows], values, "o-", ms=3,
+                label=f"{name} (best {min(values):.4f})")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -4,11 +4,11 @@ import pytest
 from conftest import one_error_line, run_script
 
 
-@pytest.mark.parametrize("x", ["steps", "tokens", "seconds"])
-def test_two_runs_in_one_plot(x, trained, tmp_path):
+@pytest.mark.parametrize("x,y", [("steps", "loss"), ("tokens", "bpc"), ("seconds", "loss")])
+def test_two_runs_in_one_plot(x, y, trained, tmp_path):
     out = tmp_path / "compare.png"
     result = run_script("plot_runs.py", "bigram", trained / "checkpoints/gpt/metrics.csv",
-                        "--x", x, "--out", out, "--out-dir", trained)
+                        "--x", x, "--y", y, "--out", out, "--out-dir", trained)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"2 runs against {x}" in result.stdout
 
