@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from lmkit.checkpoint import load_checkpoint
 from lmkit.errors import UserError
 from lmkit.files import REPO_ROOT
 from lmkit.tokenizers import ENDOFTEXT, GPT2_FILE_SHA256, GPT2_VOCAB_SIZE
@@ -366,16 +365,10 @@ def build_export_parser(kind: str, description: str) -> argparse.ArgumentParser:
 
 def export_main(family, description: str, argv=None) -> int:
     """The export.py command both models share."""
-    from lmkit.sample_cli import find_checkpoint
+    from lmkit.sample_cli import load_checkpoint_of
 
     args = build_export_parser(family.kind, description).parse_args(argv)
-    path = find_checkpoint(args, family.kind)
-    state = load_checkpoint(path)
-    if state["kind"] != family.kind:
-        raise UserError(f"{path} is a {state['kind']} checkpoint; export it with "
-                        f"`python {state['kind']}/export.py`")
-    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
-        raise UserError(f"{path} holds NaN or infinite weights; export another checkpoint")
+    path, state = load_checkpoint_of(family, args, "export")
     write_folder(args.out, export_files(state, family), args.overwrite)
     print(f"exported {path} (step {state['step']}) to {args.out}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")

@@ -62,10 +62,11 @@ def check_args(args) -> None:
     need(0 <= args.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     need(math.isfinite(args.temperature), f"--temperature must be a finite number, got "
                                           f"{args.temperature}")
-    check_run_name(args.run)
 
 
 def find_checkpoint(args, kind: str) -> Path:
+    """--checkpoint, or checkpoints/<run>/best.pt (else last.pt): for sample.py and export.py."""
+    check_run_name(args.run)
     if args.checkpoint is not None:
         if not args.checkpoint.is_file():
             raise UserError(f"checkpoint {args.checkpoint} does not exist")
@@ -79,6 +80,20 @@ def find_checkpoint(args, kind: str) -> Path:
         run_flag += f" --out-dir {args.out_dir}"
     raise UserError(f"no checkpoint in {paths.checkpoints}; train one first with "
                     f"`python {kind}/train.py{run_flag}`")
+
+
+def load_checkpoint_of(family, args, command: str) -> tuple:
+    """(path, state) of the checkpoint args name, refused unless it is this family's and its
+    weights are finite; command ("sample" or "export") names the script in the messages."""
+    path = find_checkpoint(args, family.kind)
+    state = load_checkpoint(path)
+    if state["kind"] != family.kind:
+        raise UserError(f"{path} is a {state['kind']} checkpoint; {command} it with "
+                        f"`python {state['kind']}/{command}.py`")
+    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+        raise UserError(f"{path} holds NaN or infinite weights; {command} another checkpoint or "
+                        "train again")
+    return path, state
 
 
 def read_prompt(args) -> str:
@@ -158,14 +173,7 @@ def write_like_the_shell(path: Path, text: str) -> None:
 def main(family, description: str, argv=None) -> int:
     args = build_parser(family.kind, family.default_top_k, description).parse_args(argv)
     check_args(args)
-    path = find_checkpoint(args, family.kind)
-    state = load_checkpoint(path)
-    if state["kind"] != family.kind:
-        raise UserError(f"{path} is a {state['kind']} checkpoint; sample it with "
-                        f"`python {state['kind']}/sample.py`")
-    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
-        raise UserError(f"{path} holds NaN or infinite weights; sample another checkpoint or "
-                        "train again")
+    path, state = load_checkpoint_of(family, args, "sample")
     device = dev.pick_device(args.device)
     model = load_model(state, family, device)
     meta = state["meta"]
