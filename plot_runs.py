@@ -5,10 +5,18 @@
     python plot_runs.py bigram gpt --y bpc               # bits/char: both tokenizers on one scale
     python plot_runs.py gpt path/to/metrics.csv --x tokens
 
-A run is a run name (its checkpoints/<run>/metrics.csv) or the path of a metrics.csv.
+A run is a run name (its checkpoints/<run>/metrics.csv), the path of a metrics.csv, or the path
+of a nanoGPT training log (its train.py's printed output), to put nanoGPT's curve beside yours:
+
+    python plot_runs.py mine nanogpt.log --x seconds
+
+nanoGPT's val loss is its own estimate on eval_iters random batches, not a whole-split loss.
 """
 import argparse
 import csv
+import math
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +28,9 @@ from lmkit.plotting import X_AXES, Y_AXES, plot_comparison  # noqa: E402
 
 
 def read_run(run: str, out_dir: Path) -> tuple:
-    """(label, metrics rows) of a run name or a metrics.csv path."""
+    """(label, metrics rows) of a run name, a metrics.csv path or a nanoGPT log path."""
+    if Path(run).is_file() and not run.endswith(".csv"):
+        return read_nanogpt_log(Path(run))
     if run.endswith(".csv"):
         path, label = Path(run), run
     else:
@@ -39,6 +49,39 @@ def read_run(run: str, out_dir: Path) -> tuple:
     return label, rows
 
 
+def read_nanogpt_log(path: Path) -> tuple:
+    """(label, metrics rows) from the output of nanoGPT's train.py: its evaluations, with the
+    seconds each was reached at rebuilt from the iteration times it prints every log_interval
+    iterations (an evaluation's own time lands in the iteration that ran it)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    evals = {int(s): float(v) for s, v in
+             re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", text, re.M)}
+    iter_ms = {int(i): float(ms) for i, ms in
+               re.findall(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", text, re.M)}
+    tokens = re.search(r"tokens per iteration will be: ([\d,]+)", text)
+    if not evals or not iter_ms or not tokens:
+        raise UserError(f"{path} is neither a metrics.csv nor a nanoGPT training log with "
+                        "evaluations")
+    tokens_per_iter = int(tokens.group(1).replace(",", ""))
+    typical_ms = statistics.median(ms for i, ms in iter_ms.items() if i not in evals)
+    char_level = re.search(r"found vocab_size = (\d+)", text)
+    char_level = char_level is not None and int(char_level.group(1)) < 1000
+    rows, extra_ms = [], 0.0
+    for step in sorted(evals):
+        extra_ms += iter_ms.get(step, typical_ms) - typical_ms  # this evaluation's own time
+        if step == 0:  # before training, where this repo's runs have no point either
+            continue
+        rows.append({"step": step, "tokens_seen": step * tokens_per_iter,
+                     "elapsed_s": (step * typical_ms + extra_ms) / 1000,
+                     "val_loss": evals[step],
+                     # a character-level log's loss is per character; a BPE log has no bpc
+                     "val_bpc": evals[step] / math.log(2) if char_level else math.nan})
+    return f"nanoGPT ({path.name})", rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +97,11 @@ def main(argv=None) -> int:
                    help="folder holding checkpoints/ (default: the repository root)")
     args = p.parse_args(argv)
     curves = dict(read_run(run, args.out_dir) for run in args.runs)
+    y_column = Y_AXES[args.y][0]
+    for label, rows in curves.items():
+        if any(math.isnan(float(row[y_column])) for row in rows):
+            raise UserError(f"{label} has no bits per character (a BPE nanoGPT log); "
+                            "plot it with --y loss")
     plot_comparison(args.out, curves, args.x, args.y)
     print(f"{len(curves)} runs against {args.x}: {args.out}")
     return 0
