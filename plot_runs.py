@@ -79,7 +79,7 @@ def read_nanogpt_log(path: Path) -> tuple:
                      "val_loss": evals[step],
                      # a character-level log's loss is per character; a BPE log has no bpc
                      "val_bpc": evals[step] / math.log(2) if char_level else math.nan})
-    return f"nanoGPT ({path.name})", rows
+    return f"nanoGPT ({path.name}, val estimated on few batches)", rows
 
 
 def main(argv=None) -> int:

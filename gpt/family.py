@@ -17,7 +17,7 @@ PRESETS = {
     # The laptop speedrun (README, "The laptop speedrun"): tuned on a 2-core AVX2 CPU to fit three
     # times the wall time of nanoGPT's CPU char recipe there. Rotary positions, QK-norm and
     # Muon; 1,024 tokens per step, no dropout.
-    "cpu": dict(max_iters=400, eval_interval=200, eval_iters=10, batch_size=16,
+    "cpu": dict(max_iters=520, eval_interval=260, eval_iters=10, batch_size=16,
                 grad_accum_steps=1, dropout=0.0, rotary=True, qk_norm=True, optimizer="muon",
                 learning_rate=3e-3, min_lr=1e-5, warmup_iters=30),
     # nanoGPT's finetune_shakespeare: GPT-2 124M's weights, 32,768 tokens per step (micro-batch

@@ -38,7 +38,7 @@ def test_a_nanogpt_log_is_a_curve_with_seconds_and_bpc(trained, tmp_path):
     log = tmp_path / "nanogpt.log"
     log.write_text(NANOGPT_LOG)
     label, rows = read_nanogpt_log(log)
-    assert label == "nanoGPT (nanogpt.log)" and [r["step"] for r in rows] == [20, 40]
+    assert label == "nanoGPT (nanogpt.log, val estimated on few batches)" and [r["step"] for r in rows] == [20, 40]
     # 50 ms a step, plus the 850 ms of the step-0 evaluation and 600 ms for each later one
     assert [round(r["elapsed_s"], 3) for r in rows] == [2.45, 4.05]
     assert [r["tokens_seen"] for r in rows] == [20 * 768, 40 * 768]
