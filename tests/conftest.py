@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import prepare_data  # noqa: E402
+from lmkit.decoder import KVCacheDecoder  # noqa: E402
 from lmkit.history import TrainingHistory  # noqa: E402
 from lmkit.trainer import Trainer  # noqa: E402
 
@@ -78,6 +79,21 @@ def read_metrics(out_dir, run) -> list:
 def saved_weights(out_dir, run, name="last.pt") -> dict:
     """The model weights saved in checkpoints/<run>/<name>."""
     return torch.load(out_dir / "checkpoints" / run / name, weights_only=True)["model"]
+
+
+def assert_decoder_matches_forward(model, device="cpu", tol=1e-5) -> KVCacheDecoder:
+    """Feed the KV-cache decoder a 5-token prompt, then one token at a time, and check its logits
+    against the model's own forward at every position; returns the decoder."""
+    tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(8)).to(device)
+    decoder = KVCacheDecoder(model.decoder_weights(), batch_size=3, device=torch.device(device))
+    with torch.inference_mode():
+        logits = decoder.feed(tokens[:, :5])
+        for end in range(5, 17):
+            expected, _ = model(tokens[:, :end])
+            torch.testing.assert_close(logits, expected[:, -1], rtol=tol, atol=tol)
+            if end < 16:
+                logits = decoder.feed(tokens[:, end:end + 1])
+    return decoder
 
 
 def stop_requested_during(step_to_stop: int, monkeypatch):

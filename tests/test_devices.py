@@ -11,11 +11,10 @@ import torch
 
 from bigram.model import BigramConfig, BigramLanguageModel
 from bigram.train import main as bigram_main
-from conftest import (REPO_ROOT, one_error_line, read_metrics, run_script, saved_weights,
-                      stop_requested_during, tiny_flags)
+from conftest import (REPO_ROOT, assert_decoder_matches_forward, one_error_line, read_metrics,
+                      run_script, saved_weights, stop_requested_during, tiny_flags)
 from gpt.model import GPT, GPTConfig, head_loss
 from gpt.train import main as gpt_main
-from lmkit.decoder import KVCacheDecoder
 from lmkit.errors import UserError
 from lmkit.generation import generate
 
@@ -82,15 +81,7 @@ def test_decoder_logits_equal_the_forward(kind, device):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=weights) * 0.5)
-    tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(8)).to(device)
-    decoder = KVCacheDecoder(model.decoder_weights(), batch_size=3, device=torch.device(device))
-    with torch.inference_mode():
-        logits = decoder.feed(tokens[:, :5])
-        for end in range(5, 17):
-            expected, _ = model(tokens[:, :end])
-            torch.testing.assert_close(logits, expected[:, -1], rtol=1e-4, atol=1e-4)
-            if end < 16:
-                logits = decoder.feed(tokens[:, end:end + 1])
+    assert_decoder_matches_forward(model, device, tol=1e-4)
 
 
 @pytest.mark.parametrize("device", GPUS)

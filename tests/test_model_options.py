@@ -10,11 +10,11 @@ from bigram.family import FAMILY as BIGRAM_FAMILY
 from bigram.model import BigramConfig, BigramLanguageModel
 from bigram.sample import main as bigram_sample_main
 from bigram.train import main as bigram_main
-from conftest import read_metrics, saved_weights, stop_requested_during, tiny_flags
+from conftest import (assert_decoder_matches_forward, read_metrics, saved_weights,
+                      stop_requested_during, tiny_flags)
 from gpt.model import GPT, GPTConfig
 from gpt.train import main as gpt_main
 from lmkit import optim, sample_cli, trainer
-from lmkit.decoder import KVCacheDecoder
 from lmkit.generation import generate, sample_next
 from lmkit.optim import Float32Muon, MuonWithAdamW, make_optimizer, orthogonalize
 
@@ -126,15 +126,7 @@ def test_decoder_logits_equal_the_model_forward(kind, options):
     """With each option, the decoder fed a prompt and then one token at a time gives the logits
     of the model's own forward at every position (weights drawn large, gains included)."""
     model = large_weights(tiny_model(kind, options))
-    tokens = torch.randint(0, 50, (3, 16), generator=gen(8))
-    decoder = KVCacheDecoder(model.decoder_weights(), batch_size=3, device=CPU)
-    with torch.inference_mode():
-        logits = decoder.feed(tokens[:, :5])
-        for end in range(5, 17):
-            expected, _ = model(tokens[:, :end])
-            torch.testing.assert_close(logits, expected[:, -1], rtol=1e-5, atol=1e-5)
-            if end < 16:
-                logits = decoder.feed(tokens[:, end:end + 1])
+    assert_decoder_matches_forward(model)
 
 
 @pytest.mark.parametrize("options", EACH_OPTION, ids=OPTION_IDS)

@@ -7,12 +7,11 @@ import torch
 
 from bigram.model import BigramConfig, BigramLanguageModel
 from bigram.family import FAMILY as BIGRAM_FAMILY
-from conftest import one_error_line, run_script
+from conftest import assert_decoder_matches_forward, one_error_line, run_script
 from gpt.model import GPT, GPTConfig
 from gpt.family import FAMILY as GPT_FAMILY
 from lmkit import sample_cli
 from lmkit.checkpoint import load_checkpoint
-from lmkit.decoder import KVCacheDecoder
 from lmkit.generation import filter_logits, generate, sample_next
 from lmkit.tokenizers import GPT2Tokenizer, tokenizer_from_meta
 
@@ -222,16 +221,7 @@ def test_decoder_logits_equal_the_model_forward(kind, bias):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.5, generator=weights)
-    tokens = torch.randint(0, 50, (3, 16), generator=gen(8))
-    decoder = KVCacheDecoder(model.decoder_weights(), batch_size=3, device=CPU)
-    with torch.inference_mode():
-        logits = decoder.feed(tokens[:, :5])
-        for end in range(5, 17):
-            expected, _ = model(tokens[:, :end])
-            torch.testing.assert_close(logits, expected[:, -1], rtol=1e-5, atol=1e-5)
-            if end < 16:
-                logits = decoder.feed(tokens[:, end:end + 1])
-    assert decoder.length == 16
+    assert assert_decoder_matches_forward(model).length == 16
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
