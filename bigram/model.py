@@ -4,9 +4,8 @@ The folder is called bigram for history; the model is a decoder-only transformer
 token + learned position embeddings, n_layer pre-LayerNorm blocks of multi-head causal
 self-attention and a 4x ReLU feed-forward, a final LayerNorm, and a linear head.
 
-BigramConfig's last five fields are options from the modded-nanogpt speedrun, each off by
-default (the lectures' model): rotary position embeddings, RMSNorm, QK-norm, a ReLU-squared
-feed-forward, and zero-initialised output projections.
+BigramConfig's last two fields are options from the modded-nanogpt speedrun, each off by
+default (the lectures' model): rotary position embeddings and QK-norm.
 """
 from dataclasses import dataclass
 
@@ -25,24 +24,8 @@ class BigramConfig:
     n_head: int = 6
     n_layer: int = 6
     dropout: float = 0.2
-    rotary: bool = False        # rotate queries and keys by position instead of a position table
-    rmsnorm: bool = False       # RMSNorm instead of LayerNorm
-    qk_norm: bool = False       # normalise every head's queries and keys (RMS) before attention
-    relu_squared: bool = False  # relu(x)^2 in the feed-forward instead of relu(x)
-    zero_init: bool = False     # output projections and head start at zero
-
-
-def norm_layer(config: BigramConfig) -> nn.Module:
-    return nn.RMSNorm(config.n_embd) if config.rmsnorm else nn.LayerNorm(config.n_embd)
-
-
-def relu_squared(x):
-    return F.relu(x).square()
-
-
-class ReLUSquared(nn.Module):
-    def forward(self, x):
-        return relu_squared(x)
+    rotary: bool = False   # rotate queries and keys by position instead of a position table
+    qk_norm: bool = False  # normalise every head's queries and keys (RMS) before attention
 
 
 def rotate(x, cos, sin):
@@ -103,7 +86,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(config.n_embd, 4 * config.n_embd),
-            ReLUSquared() if config.relu_squared else nn.ReLU(),
+            nn.ReLU(),
             nn.Linear(4 * config.n_embd, config.n_embd),
             nn.Dropout(config.dropout),
         )
@@ -115,9 +98,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: BigramConfig):
         super().__init__()
-        self.ln1 = norm_layer(config)
+        self.ln1 = nn.LayerNorm(config.n_embd)
         self.sa = MultiHeadAttention(config)
-        self.ln2 = norm_layer(config)
+        self.ln2 = nn.LayerNorm(config.n_embd)
         self.ffwd = FeedForward(config)
 
     def forward(self, x):
@@ -134,16 +117,9 @@ class BigramLanguageModel(nn.Module):
         if not config.rotary:
             self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = norm_layer(config)
+        self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.apply(self._init_weights)
-        if config.zero_init:
-            # Every block starts as the identity and the head at uniform logits; the random
-            # draws above still happen, so the other weights are those of the default init.
-            for block in self.blocks:
-                nn.init.zeros_(block.sa.proj.weight)
-                nn.init.zeros_(block.ffwd.net[2].weight)
-            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module):
@@ -186,6 +162,5 @@ class BigramLanguageModel(nn.Module):
                               else self.position_embedding_table.weight,
                               layers=layers, ln_f=norm_weights(self.ln_f),
                               head=linear_weights(self.lm_head), n_head=c.n_head,
-                              activation=relu_squared if c.relu_squared else F.relu,
-                              block_size=c.block_size, rmsnorm=c.rmsnorm, qk_norm=c.qk_norm,
+                              activation=F.relu, block_size=c.block_size, qk_norm=c.qk_norm,
                               rotary=(rotary.cos, rotary.sin) if c.rotary else None)

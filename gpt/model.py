@@ -5,9 +5,8 @@ Pre-LayerNorm blocks of fused-QKV causal self-attention (scaled_dot_product_atte
 std 0.02 with residual projections scaled by (2 * n_layer) ** -0.5, vocabulary padded to
 50304 (a multiple of 64) for faster matrix multiplies.
 
-GPTConfig's last five fields are options from the modded-nanogpt speedrun, each off by default
-(the GPT-2 model above): rotary position embeddings, RMSNorm, QK-norm, a ReLU-squared MLP, and
-zero-initialised residual projections.
+GPTConfig's last two fields are options from the modded-nanogpt speedrun, each off by default
+(the GPT-2 model above): rotary position embeddings and QK-norm.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -28,26 +27,8 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.1
     bias: bool = True
-    rotary: bool = False        # rotate queries and keys by position instead of wpe
-    rmsnorm: bool = False       # RMSNorm instead of LayerNorm
-    qk_norm: bool = False       # normalise every head's queries and keys (RMS) before attention
-    relu_squared: bool = False  # relu(x)^2 in the MLP instead of GELU
-    zero_init: bool = False     # residual projections start at zero (the head is tied: kept)
-
-
-def norm_layer(config: GPTConfig) -> nn.Module:
-    if config.rmsnorm:
-        return nn.RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-def relu_squared(x):
-    return F.relu(x).square()
-
-
-class ReLUSquared(nn.Module):
-    def forward(self, x):
-        return relu_squared(x)
+    rotary: bool = False   # rotate queries and keys by position instead of wpe
+    qk_norm: bool = False  # normalise every head's queries and keys (RMS) before attention
 
 
 def rotate(x, cos, sin):
@@ -105,7 +86,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = ReLUSquared() if config.relu_squared else nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
@@ -117,9 +98,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = norm_layer(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = norm_layer(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -191,16 +172,10 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = norm_layer(config)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(self._init_weights)
-        if config.zero_init:
-            # Every block starts as the identity; the random draws above still happen, so the
-            # other weights are those of the default init.
-            for block in self.h:
-                nn.init.zeros_(block.attn.c_proj.weight)
-                nn.init.zeros_(block.mlp.c_proj.weight)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -244,7 +219,6 @@ class GPT(nn.Module):
                               position_embedding=None if c.rotary else self.wpe.weight,
                               layers=layers, ln_f=norm_weights(self.ln_f),
                               head=linear_weights(self.lm_head), n_head=c.n_head,
-                              activation=relu_squared if c.relu_squared
-                              else partial(F.gelu, approximate="tanh"),
-                              block_size=c.block_size, rmsnorm=c.rmsnorm, qk_norm=c.qk_norm,
+                              activation=partial(F.gelu, approximate="tanh"),
+                              block_size=c.block_size, qk_norm=c.qk_norm,
                               rotary=(rotary.cos, rotary.sin) if c.rotary else None)

@@ -10,6 +10,11 @@ from lmkit.files import atomic_write
 # What sampling needs; training's --resume checks for more (lmkit.trainer.RESUME_KEYS).
 REQUIRED_KEYS = ("kind", "model_config", "model", "step", "metrics", "meta")
 SIBLINGS = {"last.pt": "best.pt", "best.pt": "last.pt"}
+# Model options that were tried in the laptop speedrun, paid at no preset and were removed
+# (README, "The laptop speedrun"). Checkpoints written while they existed store them: off, or
+# zero_init (which only changed the initialisation), loads as today's model; on, it cannot.
+RETIRED_OPTIONS = {"rmsnorm": "--rmsnorm", "relu_squared": "--relu-squared"}
+RETIRED_HARMLESS = ("zero_init",)
 
 
 def save_checkpoint(path, state: dict) -> None:
@@ -43,4 +48,15 @@ def load_checkpoint(path) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path} is a PyTorch file but not a checkpoint of this project"
                         f"{_sibling_hint(path)}")
+    drop_retired_options(state["model_config"], path)
     return state
+
+
+def drop_retired_options(model_config: dict, path) -> None:
+    used = [flag for name, flag in RETIRED_OPTIONS.items() if model_config.get(name)]
+    if used:
+        raise UserError(f"{path} was trained with {' and '.join(used)}, an option this version "
+                        "no longer has (it paid at no preset); train a new model, or use the "
+                        "project's version from before it was removed")
+    for name in (*RETIRED_OPTIONS, *RETIRED_HARMLESS):
+        model_config.pop(name, None)

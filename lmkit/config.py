@@ -85,12 +85,8 @@ MODEL_HELP = {
     "bias": "biases in the linear and LayerNorm layers",
     "rotary": "rotary position embeddings on queries and keys instead of a learned position "
               "table (needs an even n_embd / n_head)",
-    "rmsnorm": "RMSNorm instead of LayerNorm",
     "qk_norm": "scale every head's queries and keys to RMS 1 before attention (QK-norm, no "
                "gains)",
-    "relu_squared": "relu(x)^2 as the MLP activation instead of the model's ReLU or GELU",
-    "zero_init": "start the attention and MLP output projections at zero (and the bigram "
-                 "model's head; the gpt head is tied to the token embedding)",
 }
 
 # torchrun's own parser takes a script's "--run" for an abbreviation of its "--run-path";

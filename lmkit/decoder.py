@@ -2,8 +2,8 @@
 
 Both models are the same kind of transformer: token plus learned position embeddings,
 pre-LayerNorm blocks (x + attention(ln_1(x)), then x + mlp(ln_2(x))), a final LayerNorm and
-a linear head; their options swap in rotary position embeddings (no position table), RMSNorm
-and QK-norm. Each model lists its weights in a DecoderWeights; KVCacheDecoder runs them
+a linear head; their options swap in rotary position embeddings (no position table) and
+QK-norm. Each model lists its weights in a DecoderWeights; KVCacheDecoder runs them
 with plain torch functions. It skips the nn.Module layers on purpose: a sampling step feeds
 a few rows through ~70 small operations, and the modules' call and attribute overhead cost
 about as much as the arithmetic itself. The models' own forward stays the reference, and
@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 Linear = tuple[Tensor, Optional[Tensor]]  # weight, bias
-Norm = tuple[Optional[Tensor], Optional[Tensor], Optional[float]]  # weight, bias, eps
+Norm = tuple[Tensor, Optional[Tensor], float]  # a LayerNorm's weight, bias, eps
 
 
 def linear_weights(module) -> Linear:
@@ -25,13 +25,7 @@ def linear_weights(module) -> Linear:
 
 
 def norm_weights(module) -> Norm:
-    """A LayerNorm's or an RMSNorm's weights (an RMSNorm has no bias)."""
-    return module.weight, getattr(module, "bias", None), module.eps
-
-
-def rms_norm(x, shape, weight, bias, eps):
-    """F.rms_norm with F.layer_norm's arguments, so a Norm fits either."""
-    return F.rms_norm(x, shape, weight, eps)
+    return module.weight, module.bias, module.eps
 
 
 def rotate(x, cos, sin):
@@ -61,7 +55,6 @@ class DecoderWeights:
     n_head: int
     activation: Callable[[Tensor], Tensor]
     block_size: int
-    rmsnorm: bool = False  # ln_1, ln_2 and ln_f are RMSNorms
     qk_norm: bool = False  # queries and keys are normalised per head (RMS, no gains)
     rotary: Optional[tuple[Tensor, Tensor]] = None  # cos, sin: (block_size, head_size / 2)
 
@@ -76,7 +69,6 @@ class KVCacheDecoder:
     def __init__(self, weights: DecoderWeights, batch_size: int, device, dtype=torch.float32):
         self.w = weights
         self.block_size, n_embd = weights.block_size, weights.token_embedding.size(1)
-        self.norm = rms_norm if weights.rmsnorm else F.layer_norm
         # Chosen once here, so the default models' steps pay nothing for the options.
         self.transform_qk = weights.qk_norm or weights.rotary is not None
         shape = (batch_size, weights.n_head, self.block_size, n_embd // weights.n_head)
@@ -92,7 +84,6 @@ class KVCacheDecoder:
         B, T = idx.shape
         C = w.token_embedding.size(1)
         H = w.n_head
-        norm, transform_qk = self.norm, self.transform_qk
         # Several tokens at once only into an empty cache, so the causal mask stays aligned.
         assert T == 1 or pos == 0, "feed a prompt only after reset()"
         assert pos + T <= self.block_size, "the cache is full: reset() and feed recent tokens"
@@ -102,9 +93,9 @@ class KVCacheDecoder:
             x = x + w.position_embedding[pos:end]
         x = x.view(B * T, C)
         for layer, cache in zip(w.layers, self.caches):
-            qkv = F.linear(norm(x, (C,), *layer.ln_1), *layer.attn_qkv)
+            qkv = F.linear(F.layer_norm(x, (C,), *layer.ln_1), *layer.attn_qkv)
             qkv = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
-            if transform_qk:
+            if self.transform_qk:
                 q, k = self._queries_and_keys(qkv[:2], pos, end).unbind(0)
                 cache[0].narrow(2, pos, T).copy_(k)
                 cache[1].narrow(2, pos, T).copy_(qkv[2])
@@ -114,11 +105,11 @@ class KVCacheDecoder:
             keys, values = cache.narrow(3, 0, end).unbind(0)
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
             x = x + F.linear(y.transpose(1, 2).reshape(B * T, C), *layer.attn_proj)
-            hidden = w.activation(F.linear(norm(x, (C,), *layer.ln_2), *layer.mlp_fc))
+            hidden = w.activation(F.linear(F.layer_norm(x, (C,), *layer.ln_2), *layer.mlp_fc))
             x = x + F.linear(hidden, *layer.mlp_proj)
         self.length = end
         last = x.view(B, T, C)[:, -1]
-        return F.linear(norm(last, (C,), *w.ln_f), *w.head)
+        return F.linear(F.layer_norm(last, (C,), *w.ln_f), *w.head)
 
     def _queries_and_keys(self, qk, pos: int, end: int):
         """QK-norm, then the rotary turn of positions pos..end-1, as the models' attention

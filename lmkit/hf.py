@@ -36,13 +36,13 @@ from lmkit.files import REPO_ROOT
 from lmkit.tokenizers import ENDOFTEXT, GPT2_FILE_SHA256, GPT2_VOCAB_SIZE
 
 # Config fields whose every value maps onto GPT-2; any other field must keep its default.
-# bias=False exports zero biases, zero_init only changes the initialisation, and the MLP's
-# activation (relu_squared) is matched by its values against ACTIVATIONS.
+# bias=False exports zero biases; the MLP's activation (the bigram model's ReLU, the GPT's
+# tanh GELU) is matched by its values against ACTIVATIONS.
 MAPPED_CONFIG_FIELDS = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
-                        "bias", "zero_init", "relu_squared"}
+                        "bias"}
 # Hugging Face's names (transformers.activations.ACT2FN) of the functions our MLPs can use.
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
-               "relu": F.relu, "relu2": lambda x: F.relu(x).square()}
+               "relu": F.relu}
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, several names
 LOGIT_TOLERANCE = 1e-4
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

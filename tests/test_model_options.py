@@ -1,5 +1,6 @@
-"""The speedrun options (rotary, RMSNorm, QK-norm, ReLU^2, zero init, Muon): each off by default,
-each trains and resumes exactly, each samples the same with and without the KV cache."""
+"""The speedrun options (rotary, QK-norm, Muon): each off by default, each trains and resumes
+exactly, each samples the same with and without the KV cache. Checkpoints from before the options,
+and from while the retired ones (RMSNorm, ReLU^2, zero init) existed, still load."""
 import math
 from types import SimpleNamespace
 
@@ -15,10 +16,12 @@ from conftest import (assert_decoder_matches_forward, read_metrics, saved_weight
 from gpt.model import GPT, GPTConfig
 from gpt.train import main as gpt_main
 from lmkit import optim, sample_cli, trainer
+from lmkit.checkpoint import load_checkpoint
+from lmkit.errors import UserError
 from lmkit.generation import generate, sample_next
 from lmkit.optim import Float32Muon, MuonWithAdamW, make_optimizer, orthogonalize
 
-OPTIONS = ["rotary", "rmsnorm", "qk_norm", "relu_squared", "zero_init"]
+OPTIONS = ["rotary", "qk_norm"]
 MODELS = {"bigram": (BigramLanguageModel, BigramConfig), "gpt": (GPT, GPTConfig)}
 MAINS = {"bigram": (bigram_main, "char"), "gpt": (gpt_main, "gpt2")}
 CPU = torch.device("cpu")
@@ -88,35 +91,12 @@ def test_every_option_is_off_by_default(kind):
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
 def test_options_change_only_their_own_parameters(kind):
     """The default model has the parameter names checkpoints hold; rotary drops the position
-    table, RMSNorm the LayerNorm biases; QK-norm (without gains), ReLU^2 and zero init add or
-    remove nothing."""
+    table; QK-norm (without gains) adds or removes nothing."""
     names = set(tiny_model(kind).state_dict())
     assert names == DEFAULT_NAMES[kind]
     position = {"bigram": "position_embedding_table.weight", "gpt": "wpe.weight"}[kind]
     assert set(tiny_model(kind, ["rotary"]).state_dict()) == names - {position}
-    for option in ("qk_norm", "relu_squared", "zero_init"):
-        assert set(tiny_model(kind, [option]).state_dict()) == names, option
-    norm_biases = {n for n in names if n.endswith(".bias") and ("ln" in n.split(".")[-2])}
-    assert len(norm_biases) == 5  # two per block and the final norm
-    assert set(tiny_model(kind, ["rmsnorm"]).state_dict()) == names - norm_biases
-
-
-@pytest.mark.parametrize("kind", ["bigram", "gpt"])
-def test_zero_init_zeroes_the_output_projections_and_keeps_every_other_weight(kind):
-    """zero_init zeroes the attention and MLP output projections (and the untied bigram head);
-    every other weight is the default init's, draw for draw."""
-    default = tiny_model(kind).state_dict()
-    zeroed = tiny_model(kind, ["zero_init"]).state_dict()
-    expected_zero = {"bigram": ("sa.proj.weight", "ffwd.net.2.weight", "lm_head.weight"),
-                     "gpt": ("attn.c_proj.weight", "mlp.c_proj.weight")}[kind]
-    n_zero = 0
-    for name, tensor in default.items():
-        if name.endswith(expected_zero):
-            assert not zeroed[name].any(), name
-            n_zero += 1
-        else:
-            assert torch.equal(zeroed[name], tensor), name
-    assert n_zero == {"bigram": 5, "gpt": 4}[kind]
+    assert set(tiny_model(kind, ["qk_norm"]).state_dict()) == names
 
 
 # ---- the KV-cache decoder runs every option ----------------------------------------------------
@@ -333,22 +313,33 @@ def test_option_trains_and_resumes_exactly(kind, options, prepared, tmp_path, mo
     assert ("muon" in state["optimizer"]) is ("muon" in options)
 
 
-# ---- checkpoints from before the options ---------------------------------------------------
-@pytest.fixture
-def old_checkpoint(prepared, tmp_path):
-    """A default bigram run whose checkpoints' model_config lacks the option fields, as
-    checkpoints saved before the options existed do."""
-    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6, sample_tokens=0)) == 0
+# ---- checkpoints from before the options, and from while the retired ones existed ----------
+RETIRED_OFF = {"rmsnorm": False, "relu_squared": False, "zero_init": True}  # zero_init: init only
+
+
+def rewrite_model_config(run_dir, change):
     for name in ("last.pt", "best.pt"):
-        path = tmp_path / "checkpoints" / "bigram" / name
-        state = torch.load(path, weights_only=True)
-        state["model_config"] = {k: v for k, v in state["model_config"].items() if k not in OPTIONS}
-        torch.save(state, path)
+        state = torch.load(run_dir / name, weights_only=True)
+        state["model_config"] = change(state["model_config"])
+        torch.save(state, run_dir / name)
+
+
+@pytest.fixture(params=["before-options", "retired-options-off"])
+def old_checkpoint(request, prepared, tmp_path):
+    """A default bigram run whose checkpoints' model_config lacks the option fields, as those
+    saved before the options existed do, or holds the retired options, off (zero_init on, since
+    it only changed the initialisation), as those saved while they existed do."""
+    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6, sample_tokens=0)) == 0
+    if request.param == "before-options":
+        change = lambda config: {k: v for k, v in config.items() if k not in OPTIONS}
+    else:
+        change = lambda config: {**config, **RETIRED_OFF}
+    rewrite_model_config(tmp_path / "checkpoints" / "bigram", change)
     return tmp_path
 
 
-def test_checkpoint_without_the_option_fields_samples(old_checkpoint, capsys):
-    state = torch.load(old_checkpoint / "checkpoints/bigram/last.pt", weights_only=True)
+def test_old_checkpoint_samples(old_checkpoint, capsys):
+    state = load_checkpoint(old_checkpoint / "checkpoints/bigram/last.pt")
     model = sample_cli.load_model(state, BIGRAM_FAMILY, CPU)
     assert not any(getattr(model.config, option) for option in OPTIONS)
     assert bigram_sample_main(["--out-dir", str(old_checkpoint), "--device", "cpu",
@@ -356,9 +347,31 @@ def test_checkpoint_without_the_option_fields_samples(old_checkpoint, capsys):
     assert "sample 2/2" in capsys.readouterr().out
 
 
-def test_checkpoint_without_the_option_fields_resumes(old_checkpoint):
-    """A missing option field is the config's default, so resuming is not refused."""
+def test_old_checkpoint_resumes(old_checkpoint):
+    """A missing option field is the config's default and a retired one that is off is
+    dropped, so resuming is not refused; the new checkpoint holds today's fields only."""
     assert bigram_main(["--resume", "--max-iters", "9", "--sample-tokens", "0",
                         "--out-dir", str(old_checkpoint)]) == 0
     state = torch.load(old_checkpoint / "checkpoints/bigram/last.pt", weights_only=True)
     assert state["step"] == 9 and not any(state["model_config"][o] for o in OPTIONS)
+    assert not RETIRED_OFF.keys() & state["model_config"].keys()
+
+
+@pytest.mark.parametrize("retired", ["rmsnorm", "relu_squared"])
+def test_checkpoint_with_a_retired_option_on_is_refused_clearly(retired, prepared, tmp_path):
+    """A model trained with a retired option on is another architecture: sampling and resuming
+    refuse it in one sentence naming the flag, and write nothing."""
+    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6, sample_tokens=0)) == 0
+    run_dir = tmp_path / "checkpoints" / "bigram"
+    rewrite_model_config(run_dir, lambda config: {**config, retired: True})
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError) as sampling:
+        bigram_sample_main(["--out-dir", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(UserError) as resuming:
+        bigram_main(["--resume", "--out-dir", str(tmp_path)])
+    flag = "--" + retired.replace("_", "-")
+    for error in (sampling, resuming):
+        message = str(error.value)
+        assert f"trained with {flag}, an option this version no longer has" in message
+        assert "\n" not in message
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
