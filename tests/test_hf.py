@@ -1,5 +1,4 @@
 """Hugging Face interop (lmkit/hf.py): export to GPT-2 folders and load GPT-2 weights, offline."""
-import dataclasses
 import json
 import os
 import shutil

