@@ -37,6 +37,9 @@ class TrainConfig:
     muon_lr: float = option("Muon's peak learning rate (the schedule scales it like "
                             "--learning-rate)", 0.02)
     muon_momentum: float = option("Muon's Nesterov momentum", 0.95)
+    embedding_lr: float = option("AdamW peak rate for the embedding tables (the GPT's token "
+                                 "embedding is also its head); 0 means --learning-rate. The "
+                                 "schedule scales it like --learning-rate", 0.0)
     beta1: float = option("AdamW beta1", 0.9)
     eps: float = option("AdamW epsilon", 1e-8)
     grad_clip: float = option("clip the gradient norm to this (0 turns clipping off)", 1.0)
@@ -171,6 +174,8 @@ def validate(cfg: TrainConfig, model_values: dict) -> None:
     need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     need(cfg.learning_rate > 0, f"--learning-rate must be positive, got {cfg.learning_rate}")
     need(cfg.muon_lr > 0, f"--muon-lr must be positive, got {cfg.muon_lr}")
+    need(cfg.embedding_lr >= 0, f"--embedding-lr must be 0 (--learning-rate) or more, got "
+                                f"{cfg.embedding_lr}")
     need(0 <= cfg.muon_momentum < 1, f"--muon-momentum must be in [0, 1), got {cfg.muon_momentum}")
     head_size = model_values["n_embd"] // model_values["n_head"]
     need(not model_values.get("rotary") or head_size % 2 == 0,

@@ -1,6 +1,7 @@
 """The optimizer: AdamW, with weight decay on matrices and embeddings only; or, with
 --optimizer muon, Muon for the matrices inside the transformer blocks and AdamW for the rest
-(embeddings, the head, norm gains, biases), stepped as one optimizer.
+(embeddings, the head, norm gains, biases), stepped as one optimizer. --embedding-lr gives the
+embedding tables an AdamW rate of their own.
 
 Muon (Keller Jordan's, from the modded-nanogpt speedrun) replaces each matrix's momentum
 update by (roughly) the nearest semi-orthogonal matrix, found with a few Newton-Schulz steps.
@@ -19,8 +20,10 @@ from lmkit import device as dev
 def make_optimizer(model, cfg, device):
     """torch's AdamW (cfg.optimizer "adamw"), or a MuonWithAdamW ("muon")."""
     params = [p for p in model.parameters() if p.requires_grad]
+    embeddings = [m.weight for m in model.modules()
+                  if isinstance(m, nn.Embedding) and m.weight.requires_grad]
     if cfg.optimizer != "muon":
-        return adamw(params, cfg, device)
+        return adamw(params, embeddings, cfg, device)
     matrices = block_matrices(model)
     in_muon = {id(p) for p in matrices}
     muon_lr = cfg.muon_lr
@@ -30,12 +33,22 @@ def make_optimizer(model, cfg, device):
     muon = muon_cls([{"params": matrices, "lr_scale": muon_lr / cfg.learning_rate}],
                     lr=muon_lr, momentum=cfg.muon_momentum,
                     weight_decay=cfg.weight_decay)
-    return MuonWithAdamW(muon, adamw([p for p in params if id(p) not in in_muon], cfg, device))
+    rest = [p for p in params if id(p) not in in_muon]
+    return MuonWithAdamW(muon, adamw(rest, embeddings, cfg, device))
 
 
-def adamw(params, cfg, device) -> torch.optim.AdamW:
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+def adamw(params, embeddings, cfg, device) -> torch.optim.AdamW:
+    """Weight decay on tensors of 2+ dimensions; with cfg.embedding_lr, the embedding tables
+    in a group of their own at that peak rate (a third group, so that runs without it keep
+    the two groups their checkpoints hold)."""
+    own_rate = {id(p) for p in embeddings} if cfg.embedding_lr > 0 else set()
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in own_rate],
+               "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if own_rate:
+        groups.append({"params": [p for p in params if id(p) in own_rate],
+                       "weight_decay": cfg.weight_decay,
+                       "lr_scale": cfg.embedding_lr / cfg.learning_rate})
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=dev.has_fused_adamw(device))
 

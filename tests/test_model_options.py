@@ -140,8 +140,8 @@ def test_past_the_block_rotary_restarts_its_positions_like_the_forward(kind):
 
 # ---- Muon ------------------------------------------------------------------------------------
 def muon_cfg(**changes):
-    values = dict(optimizer="muon", muon_lr=0.02, muon_momentum=0.95, learning_rate=1e-3,
-                  weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    values = dict(optimizer="muon", muon_lr=0.02, muon_momentum=0.95, embedding_lr=0.0,
+                  learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
     return SimpleNamespace(**{**values, **changes})
 
 
@@ -170,6 +170,30 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest(kind, options):
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, pytest.approx(0.02)]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1]
     assert opt.muon.param_groups[0]["momentum"] == 0.95
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("kind", ["bigram", "gpt"])
+def test_embedding_lr_gives_the_embedding_tables_a_group_of_their_own(kind, optimizer):
+    """--embedding-lr: the embedding tables (the GPT's tied head with its token embedding) in a
+    third AdamW group whose rate follows the schedule at embedding_lr / learning_rate times
+    the others'; without it, AdamW keeps its two groups, as older checkpoints hold."""
+    model = tiny_model(kind)
+    names = {id(p): n for n, p in model.named_parameters()}
+    adamw_of = lambda opt: opt.adamw if optimizer == "muon" else opt
+    plain = adamw_of(make_optimizer(model, muon_cfg(optimizer=optimizer), CPU))
+    assert len(plain.param_groups) == 2
+    opt = make_optimizer(model, muon_cfg(optimizer=optimizer, embedding_lr=0.01), CPU)
+    groups = adamw_of(opt).param_groups
+    assert len(groups) == 3
+    tables = {"bigram": ["position_embedding_table.weight", "token_embedding_table.weight"],
+              "gpt": ["wpe.weight", "wte.weight"]}[kind]
+    assert sorted(names[id(p)] for p in groups[2]["params"]) == tables
+    assert not any(names[id(p)] in tables for g in groups[:2] for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(len(g["params"]) for g in plain.param_groups)
+    optim.set_learning_rate(opt, 5e-4)  # half the peak: the embeddings get half of theirs
+    assert [g["lr"] for g in groups] == [5e-4, 5e-4, pytest.approx(0.005)]
+    assert groups[2]["weight_decay"] == 0.1
 
 
 def test_adamw_stays_the_plain_optimizer():
@@ -278,19 +302,21 @@ def test_float32_muon_follows_the_library_muon():
 
 
 # ---- training: loss falls, resume is exact ----------------------------------------------------
-TRAINING_CASES = [(option,) for option in OPTIONS] + [("muon",), tuple(OPTIONS) + ("muon",)]
+TRAINING_FLAGS = {"muon": ["--optimizer", "muon"], "embedding_lr": ["--embedding-lr", "0.01"]}
+TRAINING_CASES = ([(option,) for option in OPTIONS] + [("muon",), ("embedding_lr",),
+                                                       (*OPTIONS, *TRAINING_FLAGS)])
 
 
-@pytest.mark.parametrize("options", TRAINING_CASES, ids=OPTIONS + ["muon", "all+muon"])
+@pytest.mark.parametrize("options", TRAINING_CASES,
+                         ids=OPTIONS + ["muon", "embedding_lr", "all+muon+embedding_lr"])
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
 def test_option_trains_and_resumes_exactly(kind, options, prepared, tmp_path, monkeypatch):
     """train.py with the option: the loss falls over 12 steps, and a run stopped at step 7 and
     resumed ends with the same losses and the same weights, bit for bit (dropout on, 2
     accumulation steps, as in test_training)."""
     main, tokenizer = MAINS[kind]
-    extra = ["--" + o.replace("_", "-") for o in options if o != "muon"]
-    if "muon" in options:
-        extra += ["--optimizer", "muon"]
+    extra = [flag for o in options
+             for flag in TRAINING_FLAGS.get(o, ["--" + o.replace("_", "-")])]
     flags = tiny_flags(prepared / tokenizer, tmp_path, dropout=0.1, grad_accum_steps=2,
                        sample_tokens=0) + extra
     assert main(flags + ["--run", "straight"]) == 0
@@ -309,7 +335,7 @@ def test_option_trains_and_resumes_exactly(kind, options, prepared, tmp_path, mo
     for name, tensor in saved_weights(tmp_path, "split").items():
         assert torch.equal(tensor, straight_weights[name]), name
     state = torch.load(tmp_path / "checkpoints/split/last.pt", weights_only=True)
-    assert all(state["model_config"][o] for o in options if o != "muon")
+    assert all(state["model_config"][o] for o in options if o not in TRAINING_FLAGS)
     assert ("muon" in state["optimizer"]) is ("muon" in options)
 
 
