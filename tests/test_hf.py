@@ -145,9 +145,8 @@ def test_export_reproduces_our_logits_greedy_tokens_and_tokenizer(kind, trained,
 
 def test_a_model_without_biases_exports_exactly(trained, tmp_path):
     """bias=False maps onto GPT-2 as zero biases: the exported model's logits are ours."""
-    options = dict(bias=False)
     state = load_checkpoint(checkpoint_path(trained, "gpt"))
-    state["model_config"] |= options
+    state["model_config"]["bias"] = False
     torch.manual_seed(0)
     model = GPT(GPTConfig(**state["model_config"])).eval()
     with torch.no_grad():

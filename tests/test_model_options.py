@@ -343,6 +343,12 @@ def test_option_trains_and_resumes_exactly(kind, options, prepared, tmp_path, mo
 RETIRED_OFF = {"rmsnorm": False, "relu_squared": False, "zero_init": True}  # zero_init: init only
 
 
+def tiny_bigram_run(prepared, out_dir):
+    """Train a default bigram model for 6 steps; returns its checkpoint folder."""
+    assert bigram_main(tiny_flags(prepared / "char", out_dir, max_iters=6, sample_tokens=0)) == 0
+    return out_dir / "checkpoints" / "bigram"
+
+
 def rewrite_model_config(run_dir, change):
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_dir / name, weights_only=True)
@@ -355,12 +361,12 @@ def old_checkpoint(request, prepared, tmp_path):
     """A default bigram run whose checkpoints' model_config lacks the option fields, as those
     saved before the options existed do, or holds the retired options, off (zero_init on, since
     it only changed the initialisation), as those saved while they existed do."""
-    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6, sample_tokens=0)) == 0
+    run_dir = tiny_bigram_run(prepared, tmp_path)
     if request.param == "before-options":
         change = lambda config: {k: v for k, v in config.items() if k not in OPTIONS}
     else:
         change = lambda config: {**config, **RETIRED_OFF}
-    rewrite_model_config(tmp_path / "checkpoints" / "bigram", change)
+    rewrite_model_config(run_dir, change)
     return tmp_path
 
 
@@ -387,9 +393,8 @@ def test_old_checkpoint_resumes(old_checkpoint):
 def test_checkpoint_with_a_retired_option_on_is_refused_clearly(retired, prepared, tmp_path):
     """A model trained with a retired option on is another architecture: sampling and resuming
     refuse it in one sentence naming the flag, and write nothing."""
-    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6, sample_tokens=0)) == 0
-    run_dir = tmp_path / "checkpoints" / "bigram"
-    rewrite_model_config(run_dir, lambda config: {**config, retired: True})
+    rewrite_model_config(tiny_bigram_run(prepared, tmp_path),
+                         lambda config: {**config, retired: True})
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(UserError) as sampling:
         bigram_sample_main(["--out-dir", str(tmp_path), "--device", "cpu"])
