@@ -81,12 +81,39 @@ class MultiHeadAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+class ReLU(nn.Module):
+    """max(x, 0), as nn.ReLU, with a backward that torch.compile turns into fast code (below)."""
+
+    def forward(self, x):
+        return ReLUFromOutput.apply(x)
+
+
+class ReLUFromOutput(torch.autograd.Function):
+    """ReLU whose gradient is read from its output. Under torch.compile nn.ReLU's backward makes
+    Inductor save a boolean mask in the forward, and Inductor's boolean stores are slow on AVX2
+    CPUs (2.6 ms instead of 0.03 ms for a 768x512 activation). Multiplying by sign(output), a
+    float the size of the output it already keeps, leaves nothing to save."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = F.relu(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            return grad * out.sign()
+        return torch.ops.aten.threshold_backward(grad, out, 0)  # nn.ReLU's own, one pass
+
+
 class FeedForward(nn.Module):
     def __init__(self, config: BigramConfig):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.ReLU(),
+            ReLU(),
             nn.Linear(4 * config.n_embd, config.n_embd),
             nn.Dropout(config.dropout),
         )

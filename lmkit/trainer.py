@@ -169,6 +169,8 @@ class Trainer:
         """flags: the values the user chose (lmkit.config.parse_flags)."""
         self.family = family
         self.procs, self.device = dev.start_processes(flags.get("device", "auto"))
+        if self.device.type == "cpu":
+            dev.keep_freed_memory()
         self.is_main = self.procs.is_main
         self.lock = None  # rank 0 owns the run folder from _claim_run_folder on; close() lets go
         self.replacing = False  # --overwrite: the old run's files stay until the first save

@@ -160,6 +160,69 @@ def test_compile_trains_a_few_steps(prepared, tmp_path):
     assert read_metrics(tmp_path, "bigram")[-1]["step"] == "3"
 
 
+def test_the_feed_forward_relu_compiles_without_a_boolean_mask():
+    """nn.ReLU under torch.compile saves a boolean mask whose stores are slow on AVX2 CPUs; the
+    model's ReLU must compile to float-only kernels and give the same gradients as eager."""
+    from torch._inductor.utils import run_and_get_code
+    from bigram.model import FeedForward
+    torch.manual_seed(0)
+    ffwd = FeedForward(BigramConfig(n_embd=32, dropout=0.0))
+    x = torch.randn(4, 8, 32, requires_grad=True)
+
+    def grads(fn):
+        for p in (x, *ffwd.parameters()):
+            p.grad = None
+        fn(x).square().sum().backward()
+        return [p.grad.clone() for p in (x, *ffwd.parameters())]
+
+    eager = grads(ffwd)
+    compiled, code = run_and_get_code(grads, torch.compile(ffwd))
+    assert not any("bool*" in kernel for kernel in code)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_feed_forward_relu_is_nn_relu_bit_for_bit_in_eager():
+    from bigram.model import ReLU
+    x = torch.randn(64, 64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    out, reference = ReLU()(x), torch.nn.ReLU()(y)
+    grad = torch.randn(64, 64)
+    out.backward(grad)
+    reference.backward(grad)
+    assert torch.equal(out, reference) and torch.equal(x.grad, y.grad)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator, on Linux only")
+def test_training_steps_keep_freed_memory_instead_of_page_faulting_it_back():
+    """Each step frees its activations and allocates them again. glibc's defaults hand big blocks
+    back to the kernel, so a step page-faults them in afresh; dev.keep_freed_memory, which the
+    trainer calls on CPUs, stops that."""
+    script = ("import resource, sys, torch\n"
+              "sys.path.insert(0, sys.argv[1])\n"
+              "from bigram.model import BigramConfig, BigramLanguageModel\n"
+              "from lmkit.device import keep_freed_memory\n"
+              "if sys.argv[2] == 'keep': assert keep_freed_memory()\n"
+              "model = BigramLanguageModel(BigramConfig(block_size=64, n_layer=2, n_head=4,\n"
+              "                                         n_embd=128, dropout=0.0))\n"
+              "opt = torch.optim.AdamW(model.parameters())\n"
+              "x = torch.randint(65, (12, 64))\n"
+              "def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+              "for step in range(30):\n"
+              "    if step == 10: before = faults()\n"
+              "    model(x, x)[1].backward(); opt.step(); opt.zero_grad()\n"
+              "print((faults() - before) // 20)\n")
+    faults = {}
+    for mode in ("default", "keep"):
+        result = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT), mode],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        faults[mode] = int(result.stdout)
+    # The step's activations span about 3,000 pages: glibc's defaults faulted 250-550 of them
+    # back in per step here, and 6-45 with the setting.
+    assert faults["keep"] < 100, faults
+
+
 def test_a_cpu_run_too_big_for_the_memory_is_refused_before_it_starts(prepared, tmp_path):
     result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path),
                         "--batch-size", 1_000_000, "--n-embd", 384, "--n-head", 6)
