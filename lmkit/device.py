@@ -135,9 +135,10 @@ def keep_freed_memory() -> bool:
     A training step frees its activations and allocates the same sizes again in the next step.
     By default glibc hands blocks over 128 KiB back to the kernel (and trims its heap), so every
     step page-faults its activations in afresh, zeroed page by page: 700-1,100 faults a step on
-    nanoGPT's CPU char recipe, and about 5-10% of its step time on a 2-core AVX2 machine. The
+    nanoGPT's CPU char recipe, which cost 6-15% of its step time on a 2-core AVX2 machine. The
     process keeps its peak memory instead, which a training run reaches every step anyway.
-    Returns whether the setting took: False where the C library has no mallopt (macOS, Windows).
+    Returns whether the setting took: False where the C library is not glibc (macOS, Windows,
+    musl).
     """
     import ctypes
     import ctypes.util

@@ -3,6 +3,7 @@ the CPU, plus cuda and mps where present (skipped with the reason elsewhere). Tr
 resume, decoder logits and cached sampling run here on the GPUs only: their CPU versions are
 in test_training.py and test_sampling.py. Also float16 with a gradient scaler, checkpoints
 moving between devices, --compile, and out of memory."""
+import platform
 import subprocess
 import sys
 
@@ -177,7 +178,7 @@ def test_the_feed_forward_relu_compiles_without_a_boolean_mask():
 
     eager = grads(ffwd)
     compiled, code = run_and_get_code(grads, torch.compile(ffwd))
-    assert not any("bool*" in kernel for kernel in code)
+    assert code and not any("bool*" in kernel for kernel in code)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
 
@@ -193,7 +194,7 @@ def test_the_feed_forward_relu_is_nn_relu_bit_for_bit_in_eager():
     assert torch.equal(out, reference) and torch.equal(x.grad, y.grad)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator, on Linux only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_training_steps_keep_freed_memory_instead_of_page_faulting_it_back():
     """Each step frees its activations and allocates them again. glibc's defaults hand big blocks
     back to the kernel, so a step page-faults them in afresh; dev.keep_freed_memory, which the
@@ -202,25 +203,25 @@ def test_training_steps_keep_freed_memory_instead_of_page_faulting_it_back():
               "sys.path.insert(0, sys.argv[1])\n"
               "from bigram.model import BigramConfig, BigramLanguageModel\n"
               "from lmkit.device import keep_freed_memory\n"
-              "if sys.argv[2] == 'keep': assert keep_freed_memory()\n"
-              "model = BigramLanguageModel(BigramConfig(block_size=64, n_layer=2, n_head=4,\n"
+              "assert keep_freed_memory()\n"
+              "model = BigramLanguageModel(BigramConfig(block_size=64, n_layer=4, n_head=4,\n"
               "                                         n_embd=128, dropout=0.0))\n"
               "opt = torch.optim.AdamW(model.parameters())\n"
               "x = torch.randint(65, (12, 64))\n"
               "def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-              "for step in range(30):\n"
-              "    if step == 10: before = faults()\n"
+              "faulting_steps = 0\n"
+              "for step in range(40):\n"
+              "    before = faults()\n"
               "    model(x, x)[1].backward(); opt.step(); opt.zero_grad()\n"
-              "print((faults() - before) // 20)\n")
-    faults = {}
-    for mode in ("default", "keep"):
-        result = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT), mode],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        faults[mode] = int(result.stdout)
-    # The step's activations span about 3,000 pages: glibc's defaults faulted 250-550 of them
-    # back in per step here, and 6-45 with the setting.
-    assert faults["keep"] < 100, faults
+              "    faulting_steps += step >= 10 and faults() - before > 100\n"
+              "print(faulting_steps)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # The step's activations span over 5,000 pages. With glibc's defaults, 9-20 of 20 steps
+    # faulted hundreds to thousands of them back in here; with the setting, a step faults 0 or
+    # 1 times, and now and then one grows the heap.
+    assert int(result.stdout) <= 3
 
 
 def test_a_cpu_run_too_big_for_the_memory_is_refused_before_it_starts(prepared, tmp_path):
