@@ -218,7 +218,7 @@ def test_training_steps_keep_freed_memory_instead_of_page_faulting_it_back():
     result = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    # The step's activations span over 5,000 pages. With glibc's defaults, 9-20 of 20 steps
+    # The step's activations span over 5,000 pages. With glibc's defaults, 9-20 of every 20 steps
     # faulted hundreds to thousands of them back in here; with the setting, a step faults 0 or
     # 1 times, and now and then one grows the heap.
     assert int(result.stdout) <= 3
