@@ -1,11 +1,14 @@
 """Prepare the train/val splits for both tokenizers.
 
-    python prepare_data.py                  # Tiny Shakespeare (downloaded once, checksum-verified)
-    python prepare_data.py --input my.txt   # any UTF-8 text of your own
+    python prepare_data.py                   # Tiny Shakespeare (downloaded once, checksum-verified)
+    python prepare_data.py --input my.txt    # any UTF-8 text of your own
+    python prepare_data.py --bpe-vocab 4096  # a BPE of another size
 
-The text is split 90/10 by characters first, then each split is encoded with both tokenizers,
-so both models are scored on the same validation text. Writes <out-dir>/char/ and
-<out-dir>/gpt2/, each with train.bin, val.bin (little-endian uint16 ids) and meta.json.
+The text is split 90/10 by characters first, then each split is encoded with three tokenizers,
+so every model is scored on the same validation text: characters, GPT-2's BPE, and a byte-level
+BPE of --bpe-vocab tokens trained here on the train split alone (the validation text never
+shapes its merges). Writes <out-dir>/char/, <out-dir>/gpt2/ and <out-dir>/bpe<N>/, each with
+train.bin, val.bin (little-endian uint16 ids) and meta.json; bpe<N>/ also holds tokenizer.json.
 """
 import argparse
 import hashlib
@@ -20,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lmkit.data import BPE_FILE, DEFAULT_BPE_VOCAB, data_folder_name
 from lmkit.errors import UserError, run_main
 from lmkit.files import atomic_write_bytes, atomic_write_text, ensure_writable_dirs, read_user_file
-from lmkit.tokenizers import CharTokenizer, GPT2Tokenizer
+from lmkit.tokenizers import BYTE_TOKENS, MAX_TOKEN_ID, BPETokenizer, CharTokenizer, GPT2Tokenizer
 
 TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
                         "data/tinyshakespeare/input.txt")
@@ -45,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the text (by characters, taken from the end) used for validation, "
                         "in (0, 0.5] (default: %(default)s)")
+    p.add_argument("--bpe-vocab", type=int, default=DEFAULT_BPE_VOCAB,
+                   help="tokens in the byte-level BPE trained on the train split, from "
+                        f"{BYTE_TOKENS} (the bytes alone) to {MAX_TOKEN_ID + 1}; written to "
+                        "<out-dir>/bpe<N>/ (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -116,7 +124,27 @@ def split_text(text: str, val_fraction: float) -> tuple:
     return text[:n_train], text[n_train:]
 
 
-def write_split(folder: Path, train_ids: np.ndarray, val_ids: np.ndarray, meta: dict) -> None:
+def check_bpe_vocab(vocab_size: int) -> None:
+    if not BYTE_TOKENS <= vocab_size <= MAX_TOKEN_ID + 1:
+        raise UserError(f"--bpe-vocab must be between {BYTE_TOKENS} (a byte-level BPE has one token "
+                        f"per byte before any merge) and {MAX_TOKEN_ID + 1} (the splits store "
+                        f"uint16 ids), got {vocab_size}", exit_code=2)
+
+
+def train_bpe(train_text: str, vocab_size: int, name: str) -> BPETokenizer:
+    """A byte-level BPE of exactly vocab_size tokens learned from the train split."""
+    tokenizer = BPETokenizer.train(text_chunks(train_text), vocab_size)
+    if tokenizer.vocab_size < vocab_size:
+        raise UserError(f"the train split of {name} fills a BPE of only {tokenizer.vocab_size} "
+                        f"tokens (no pair of tokens is left to merge); use --bpe-vocab "
+                        f"{tokenizer.vocab_size} or less, or a longer text", exit_code=2)
+    return tokenizer
+
+
+def write_split(folder: Path, train_ids: np.ndarray, val_ids: np.ndarray, meta: dict,
+                extra_files: dict) -> None:
+    for name, data in extra_files.items():
+        atomic_write_bytes(folder / name, data)
     atomic_write_bytes(folder / "train.bin", train_ids.astype("<u2").tobytes())
     atomic_write_bytes(folder / "val.bin", val_ids.astype("<u2").tobytes())
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
@@ -126,8 +154,10 @@ def prepare(args) -> dict:
     """Encode and write both tokenizations; return {tokenizer: meta}."""
     if not 0 < args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5], got {args.val_fraction}")
+    check_bpe_vocab(args.bpe_vocab)
+    bpe_name = data_folder_name("bpe", args.bpe_vocab)
     ensure_writable_dirs(args.out_dir)
-    for folder in (args.out_dir / "char", args.out_dir / "gpt2"):
+    for folder in (args.out_dir / "char", args.out_dir / "gpt2", args.out_dir / bpe_name):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} is a file, but the splits go in a folder of that name; "
                             "move it away or choose another --out-dir")
@@ -143,24 +173,33 @@ def prepare(args) -> dict:
         raise UserError(f"{name} has {char_tok.vocab_size} distinct characters, more than "
                         "uint16 ids can hold; use a smaller alphabet")
     gpt2_tok = GPT2Tokenizer()
-    tokenizers = {"char": (char_tok.encode_array, {"vocab_size": char_tok.vocab_size,
-                                                   "chars": char_tok.chars}),
-                  "gpt2": (gpt2_tok.encode, {"vocab_size": gpt2_tok.vocab_size})}
+    bpe_tok = train_bpe(train_text, args.bpe_vocab, name)
+    bpe_file = bpe_tok.to_hf_json().encode("utf-8")
+    # name -> (the folder's tokenizer name, encode, its meta, files beside the bins)
+    tokenizers = {
+        "char": ("char", char_tok.encode_array,
+                 {"vocab_size": char_tok.vocab_size, "chars": char_tok.chars}, {}),
+        "gpt2": ("gpt2", gpt2_tok.encode, {"vocab_size": gpt2_tok.vocab_size}, {}),
+        bpe_name: ("bpe", bpe_tok.encode,
+                   {"vocab_size": bpe_tok.vocab_size, "tokenizer_file": BPE_FILE,
+                    "tokenizer_sha256": hashlib.sha256(bpe_file).hexdigest()},
+                   {BPE_FILE: bpe_file}),
+    }
     encoded = {}
-    for tok_name, (encode_piece, tok_meta) in tokenizers.items():
+    for folder_name, (tok_name, encode_piece, tok_meta, files) in tokenizers.items():
         train_ids = encode(train_text, encode_piece, f"{tok_name} train")
         val_ids = encode(val_text, encode_piece, f"{tok_name} val")
         if min(len(train_ids), len(val_ids)) < 2:
             raise UserError(f"{name} is too short: with --val-fraction {args.val_fraction} the "
-                            f"{tok_name} split has {len(train_ids)} train and {len(val_ids)} val "
-                            "tokens, and each needs at least 2; use a longer text")
+                            f"{folder_name} split has {len(train_ids)} train and {len(val_ids)} "
+                            "val tokens, and each needs at least 2; use a longer text")
         meta = {"tokenizer": tok_name, **tok_meta, "n_train_tokens": len(train_ids),
                 "n_val_tokens": len(val_ids), **source}
-        encoded[tok_name] = (train_ids, val_ids, meta)
+        encoded[folder_name] = (train_ids, val_ids, meta, files)
     # Write only once every split is known to be good, so bad input leaves nothing behind.
-    for tok_name, (train_ids, val_ids, meta) in encoded.items():
-        write_split(args.out_dir / tok_name, train_ids, val_ids, meta)
-    return {tok_name: meta for tok_name, (_, _, meta) in encoded.items()}
+    for folder_name, (train_ids, val_ids, meta, files) in encoded.items():
+        write_split(args.out_dir / folder_name, train_ids, val_ids, meta, files)
+    return {folder_name: meta for folder_name, (_, _, meta, _) in encoded.items()}
 
 
 def main(argv=None) -> int:
@@ -169,9 +208,11 @@ def main(argv=None) -> int:
     metas = prepare(args)
     first = next(iter(metas.values()))
     print(f"{first['source']}: {first['n_train_chars']:,} train / {first['n_val_chars']:,} val characters")
-    for tok_name, meta in metas.items():
-        print(f"  {tok_name:5s} vocab {meta['vocab_size']:>6,}  train {meta['n_train_tokens']:>9,} tokens"
-              f"  val {meta['n_val_tokens']:>8,} tokens  -> {args.out_dir / tok_name}")
+    for folder_name, meta in metas.items():
+        print(f"  {folder_name:7s} vocab {meta['vocab_size']:>6,}  train {meta['n_train_tokens']:>9,} "
+              f"tokens  val {meta['n_val_tokens']:>8,} tokens "
+              f"({meta['n_val_chars'] / meta['n_val_tokens']:.2f} characters/token)  "
+              f"-> {args.out_dir / folder_name}")
     print(f"done in {time.time() - t0:.1f}s")
     return 0
 

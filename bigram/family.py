@@ -21,5 +21,6 @@ PRESETS = {
                 weight_decay=0.0, embedding_lr=8e-2),
 }
 
-FAMILY = ModelFamily(kind="bigram", tokenizer="char", model_cls=BigramLanguageModel,
-                     config_cls=BigramConfig, recipe=RECIPE, presets=PRESETS)
+FAMILY = ModelFamily(kind="bigram", tokenizers=("char",), default_data="char",
+                     model_cls=BigramLanguageModel, config_cls=BigramConfig, recipe=RECIPE,
+                     presets=PRESETS)

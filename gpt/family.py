@@ -1,9 +1,13 @@
-"""The GPT family: GPT-2 BPE tokens, its seed recipe and its presets.
+"""The GPT family: its tokens, its seed recipe and its presets.
 
-The architecture's seed values are GPTConfig's defaults (gpt/model.py); the training values
-are RECIPE below. Every flag of gpt/train.py starts from these.
+The GPT reads a byte-level BPE trained on the user's own text (data/bpe2048/, written by
+prepare_data.py) unless --data-dir names another folder: data/gpt2/ holds GPT-2's tokens, which
+the seed recipe was written for and --init-from's GPT-2 weights need. The architecture's seed
+values are GPTConfig's defaults (gpt/model.py); the training values are RECIPE below. Every flag
+of gpt/train.py starts from these.
 """
 from gpt.model import GPT, GPTConfig
+from lmkit.data import DEFAULT_BPE_VOCAB, data_folder_name
 from lmkit.family import ModelFamily
 from lmkit.hf import load_gpt2
 
@@ -28,6 +32,8 @@ PRESETS = {
                      max_iters=20, eval_interval=5, eval_iters=40, dropout=0.0),
 }
 
-FAMILY = ModelFamily(kind="gpt", tokenizer="gpt2", model_cls=GPT, config_cls=GPTConfig,
+FAMILY = ModelFamily(kind="gpt", tokenizers=("bpe", "gpt2"),
+                     default_data=data_folder_name("bpe", DEFAULT_BPE_VOCAB),
+                     model_cls=GPT, config_cls=GPTConfig,
                      recipe=RECIPE, presets=PRESETS, pad_vocab_to=64, default_top_k=50,
                      load_pretrained=load_gpt2)

@@ -1,4 +1,5 @@
 """Token data for training: memmapped splits, seeded random batches, whole-split val windows."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -7,14 +8,40 @@ import torch
 
 from lmkit.device import to_device
 from lmkit.errors import UserError
-from lmkit.tokenizers import GPT2_VOCAB_SIZE
+from lmkit.tokenizers import BYTE_TOKENS, GPT2_VOCAB_SIZE, MAX_TOKEN_ID, BPETokenizer
+
+BPE_FILE = "tokenizer.json"  # a BPE data folder's tokenizer, beside its bins
+# The BPE size a plain `python prepare_data.py` trains, and so the GPT's default data: the best
+# val bits per character at a fixed training time on a 2-core CPU (docs/tokenizer.md).
+DEFAULT_BPE_VOCAB = 2048
+
+
+def data_folder_name(tokenizer: str, vocab_size: int) -> str:
+    """The folder prepare_data.py writes a tokenizer's splits to: char, gpt2 or bpe<N>."""
+    return f"bpe{vocab_size}" if tokenizer == "bpe" else tokenizer
+
+
+def tokenizer_name(meta: dict) -> str:
+    """How messages name a meta's tokenizer: char, gpt2 or bpe<N>."""
+    return data_folder_name(meta.get("tokenizer"), meta.get("vocab_size"))
+
+
+def same_tokenizer(meta_a: dict, meta_b: dict) -> bool:
+    """Whether two metas (a dataset's, a checkpoint's) map text to the same ids."""
+    fields = {"char": ("chars",), "gpt2": (), "bpe": ("vocab_size", "bpe")}
+    kind = meta_a.get("tokenizer")
+    return kind == meta_b.get("tokenizer") and all(
+        meta_a.get(f) == meta_b.get(f) for f in fields.get(kind, ()))
 
 
 def load_meta(data_dir) -> dict:
+    """A data folder's meta.json, checked; a BPE folder's meta also gets the tokenizer's merges
+    (under "bpe"), so that a checkpoint that keeps the meta keeps its tokenizer too."""
     path = Path(data_dir) / "meta.json"
     hint = ""
-    if (Path(data_dir) / "char" / "meta.json").is_file():
-        hint = f" (did you mean {Path(data_dir) / 'char'} or {Path(data_dir) / 'gpt2'}?)"
+    prepared = sorted(p.parent.name for p in Path(data_dir).glob("*/meta.json"))
+    if prepared:
+        hint = f" (did you mean {' or '.join(str(Path(data_dir) / name) for name in prepared)}?)"
     try:
         meta = json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
@@ -25,17 +52,47 @@ def load_meta(data_dir) -> dict:
     if not _meta_is_sound(meta):
         raise UserError(f"{path} is not a meta.json written by prepare_data.py; "
                         "run `python prepare_data.py` again or fix --data-dir")
+    if meta["tokenizer"] == "bpe":
+        meta["bpe"] = load_bpe(Path(data_dir), meta).to_meta()
     return meta
+
+
+def load_bpe(data_dir: Path, meta: dict) -> BPETokenizer:
+    """The BPE the folder's bins were encoded with: its tokenizer.json, which meta.json pins by
+    sha256 (a tokenizer file from another preparation would turn the bins into other text)."""
+    path = data_dir / BPE_FILE
+    again = f"run `python prepare_data.py --bpe-vocab {meta['vocab_size']}` again"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{data_dir} has no {BPE_FILE}, the tokenizer its bins were encoded "
+                        f"with; {again}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); {again}") from None
+    if hashlib.sha256(raw).hexdigest() != meta["tokenizer_sha256"]:
+        raise UserError(f"{path} is not the tokenizer {data_dir}'s bins were encoded with (its "
+                        f"sha256 differs from the one meta.json pins); {again}")
+    try:
+        tokenizer = BPETokenizer.from_hf_json(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}); {again}") from None
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise UserError(f"{path} has {tokenizer.vocab_size} tokens but meta.json says "
+                        f"{meta['vocab_size']}; {again}")
+    return tokenizer
 
 
 def _meta_is_sound(meta) -> bool:
     counts = ("vocab_size", "n_train_tokens", "n_val_tokens", "n_train_chars", "n_val_chars")
-    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2", "bpe"):
         return False
     if not all(isinstance(meta.get(k), int) and meta[k] >= 1 for k in counts):
         return False
     if meta["tokenizer"] == "gpt2":
         return meta["vocab_size"] == GPT2_VOCAB_SIZE
+    if meta["tokenizer"] == "bpe":
+        return (BYTE_TOKENS <= meta["vocab_size"] <= MAX_TOKEN_ID + 1
+                and isinstance(meta.get("tokenizer_sha256"), str))
     chars = meta.get("chars")
     return (isinstance(chars, list) and len(chars) == meta["vocab_size"]
             and all(isinstance(c, str) and len(c) == 1 for c in chars))

@@ -6,7 +6,8 @@ from typing import Callable, Optional
 @dataclass
 class ModelFamily:
     kind: str              # "bigram" or "gpt": the folder, and the default run name
-    tokenizer: str         # which prepared data the model reads: "char" or "gpt2"
+    tokenizers: tuple      # the tokenizers whose prepared data the model reads: char, gpt2, bpe
+    default_data: str      # the folder in data/ it reads unless --data-dir says otherwise
     model_cls: type
     config_cls: type       # the model's config dataclass: its defaults are the seed architecture
     recipe: dict           # the seed recipe's training values (lmkit.config.TrainConfig fields)

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from lmkit.errors import UserError
 from lmkit.files import REPO_ROOT
-from lmkit.tokenizers import ENDOFTEXT, GPT2_VOCAB_SIZE, gpt2_files
+from lmkit.tokenizers import ENDOFTEXT, GPT2_VOCAB_SIZE, BPETokenizer, gpt2_files
 
 # Config fields whose every value maps onto GPT-2; any other field must keep its default.
 # bias=False exports zero biases; the MLP's activation (the bigram model's ReLU, the GPT's
@@ -237,6 +237,16 @@ def gpt2_tokenizer_files(block_size: int) -> dict:
             "special_tokens_map.json": _json_bytes(specials)}
 
 
+def fast_tokenizer_files(tokenizer_json: str, block_size: int) -> dict:
+    """A tokenizers-library tokenizer.json, with the settings that load it as
+    PreTrainedTokenizerFast and decode exactly what the ids spell."""
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast",
+                "clean_up_tokenization_spaces": False, "model_max_length": block_size}
+    return {"tokenizer.json": tokenizer_json.encode("utf-8"),
+            "tokenizer_config.json": _json_bytes(settings),
+            "special_tokens_map.json": _json_bytes({})}
+
+
 def char_tokenizer_files(chars: list, block_size: int) -> dict:
     """A tokenizers-library tokenizer.json that maps each character to its id and back."""
     tokenizer = {
@@ -253,11 +263,7 @@ def char_tokenizer_files(chars: list, block_size: int) -> dict:
         "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(chars)},
                   "unk_token": "<unk>"},
     }
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast",
-                "clean_up_tokenization_spaces": False, "model_max_length": block_size}
-    return {"tokenizer.json": _json_bytes(tokenizer),
-            "tokenizer_config.json": _json_bytes(settings),
-            "special_tokens_map.json": _json_bytes({})}
+    return fast_tokenizer_files(_json_bytes(tokenizer).decode("utf-8"), block_size)
 
 
 def _json_bytes(obj) -> bytes:
@@ -285,6 +291,8 @@ def export_files(state: dict, family) -> dict:
              "model.safetensors": _safetensors().save(tensors, metadata={"format": "pt"})}
     if gpt2:
         files |= gpt2_tokenizer_files(block_size)
+    elif meta["tokenizer"] == "bpe":
+        files |= fast_tokenizer_files(BPETokenizer.from_meta(meta["bpe"]).to_hf_json(), block_size)
     else:
         files |= char_tokenizer_files(meta["chars"], block_size)
     return files

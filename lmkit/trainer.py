@@ -24,7 +24,8 @@ from tqdm import tqdm
 from lmkit import device as dev
 from lmkit.checkpoint import load_checkpoint, save_checkpoint
 from lmkit.config import PER_INVOCATION, parse_flags, recipe_values, split_values, validate
-from lmkit.data import BatchSampler, eval_windows, load_meta, load_split, window_batches
+from lmkit.data import (BatchSampler, data_folder_name, eval_windows, load_meta, load_split,
+                        same_tokenizer, tokenizer_name, window_batches)
 from lmkit.errors import UserError
 from lmkit.files import (REPO_ROOT, RunLock, RunPaths, atomic_write_text, check_run_name,
                          ensure_writable_dirs, remove_stale_temp_files)
@@ -144,10 +145,11 @@ def check_compatible(state: dict, family, model_config, meta: dict, path: Path,
     diffs = []
     if state["kind"] != family.kind:
         diffs.append(f"model kind {state['kind']} -> {family.kind}")
-    if state["meta"].get("tokenizer") != meta.get("tokenizer"):
-        diffs.append(f"tokenizer {state['meta'].get('tokenizer')} -> {meta.get('tokenizer')}")
-    elif state["meta"].get("chars") != meta.get("chars"):
-        diffs.append("character vocabulary of the data")
+    if tokenizer_name(state["meta"]) != tokenizer_name(meta):
+        diffs.append(f"tokenizer {tokenizer_name(state['meta'])} -> {tokenizer_name(meta)}")
+    elif not same_tokenizer(state["meta"], meta):
+        diffs.append(f"the data's {tokenizer_name(meta)} tokenizer (the same size, other "
+                     "tokens: a tokenizer trained on another text?)")
     # Options added since the checkpoint was written were off then: their defaults.
     defaults = {f.name: f.default for f in fields(family.config_cls)}
     saved = {**defaults, **state["model_config"]}
@@ -225,7 +227,16 @@ class Trainer:
             self.model_values.update(values)  # its architecture and vocabulary win
         elif cfg.init_from:  # resuming a fine-tune: the checkpoint holds the weights
             self.model_values["vocab_size"] = state["model_config"]["vocab_size"]
+        self.default_data = self._default_data(state)
         return state
+
+    def _default_data(self, state) -> str:
+        """The folder in data/ read when --data-dir is not given."""
+        if self.cfg.init_from:  # GPT-2's weights read GPT-2's tokens
+            return "gpt2"
+        if state is not None:  # the run's own tokenizer (an older run's default was gpt2)
+            return data_folder_name(state["meta"]["tokenizer"], state["meta"]["vocab_size"])
+        return self.family.default_data
 
     def _claim_run_folder(self) -> None:
         """Become the run's only writer (rank 0), then check its folders can take the outputs.
@@ -250,13 +261,18 @@ class Trainer:
         ensure_writable_dirs(paths.checkpoints, paths.plots, paths.samples)
 
     def _load_data(self) -> None:
-        kind, tokenizer = self.family.kind, self.family.tokenizer
+        family = self.family
         self.data_dir = (Path(self.cfg.data_dir) if self.cfg.data_dir
-                         else REPO_ROOT / "data" / tokenizer)
+                         else REPO_ROOT / "data" / self.default_data)
         self.meta = load_meta(self.data_dir)
-        if self.meta.get("tokenizer") != tokenizer:
-            raise UserError(f"{self.data_dir} holds {self.meta.get('tokenizer')} tokens but the "
-                            f"{kind} model reads {tokenizer} tokens; fix --data-dir")
+        if self.meta["tokenizer"] not in family.tokenizers:
+            raise UserError(f"{self.data_dir} holds {tokenizer_name(self.meta)} tokens but the "
+                            f"{family.kind} model reads {' or '.join(family.tokenizers)} tokens; "
+                            f"fix --data-dir (data/{family.default_data} is the default)")
+        if self.cfg.init_from and self.meta["tokenizer"] != "gpt2":
+            raise UserError(f"--init-from starts from GPT-2's weights, which read GPT-2 tokens, "
+                            f"but {self.data_dir} holds {tokenizer_name(self.meta)} tokens; use "
+                            "--data-dir data/gpt2, or leave --data-dir out")
         self.train_tokens = load_split(self.data_dir, "train", self.meta)
         self.val_tokens = load_split(self.data_dir, "val", self.meta)
         block_size = self.model_values["block_size"]
