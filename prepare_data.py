@@ -49,10 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the text (by characters, taken from the end) used for validation, "
                         "in (0, 0.5] (default: %(default)s)")
-    p.add_argument("--bpe-vocab", type=int, default=DEFAULT_BPE_VOCAB,
+    p.add_argument("--bpe-vocab", type=int, default=None,
                    help="tokens in the byte-level BPE trained on the train split, from "
                         f"{BYTE_TOKENS} (the bytes alone) to {MAX_TOKEN_ID + 1}; written to "
-                        "<out-dir>/bpe<N>/ (default: %(default)s)")
+                        f"<out-dir>/bpe<N>/ (default: {DEFAULT_BPE_VOCAB}, or as many as a short "
+                        "text fills)")
     return p.parse_args(argv)
 
 
@@ -131,13 +132,16 @@ def check_bpe_vocab(vocab_size: int) -> None:
                         f"uint16 ids), got {vocab_size}", exit_code=2)
 
 
-def train_bpe(train_text: str, vocab_size: int, name: str) -> BPETokenizer:
-    """A byte-level BPE of exactly vocab_size tokens learned from the train split."""
+def train_bpe(train_text: str, requested, name: str) -> BPETokenizer:
+    """A byte-level BPE learned from the train split: of exactly --bpe-vocab tokens when given
+    (refused if the text cannot fill it), else of the default size or as many as the text fills."""
+    vocab_size = requested or DEFAULT_BPE_VOCAB
     tokenizer = BPETokenizer.train(text_chunks(train_text), vocab_size)
-    if tokenizer.vocab_size < vocab_size:
-        raise UserError(f"the train split of {name} fills a BPE of only {tokenizer.vocab_size} "
-                        f"tokens (no pair of tokens is left to merge); use --bpe-vocab "
-                        f"{tokenizer.vocab_size} or less, or a longer text", exit_code=2)
+    filled = tokenizer.vocab_size
+    if filled < vocab_size and requested:
+        raise UserError(f"the train split of {name} fills a BPE of only {filled} tokens (no pair "
+                        f"of tokens is left to merge); use --bpe-vocab {filled} or less, or a "
+                        "longer text", exit_code=2)
     return tokenizer
 
 
@@ -154,10 +158,11 @@ def prepare(args) -> dict:
     """Encode and write both tokenizations; return {tokenizer: meta}."""
     if not 0 < args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5], got {args.val_fraction}")
-    check_bpe_vocab(args.bpe_vocab)
-    bpe_name = data_folder_name("bpe", args.bpe_vocab)
+    if args.bpe_vocab is not None:
+        check_bpe_vocab(args.bpe_vocab)
     ensure_writable_dirs(args.out_dir)
-    for folder in (args.out_dir / "char", args.out_dir / "gpt2", args.out_dir / bpe_name):
+    for folder in (args.out_dir / "char", args.out_dir / "gpt2",
+                   args.out_dir / data_folder_name("bpe", args.bpe_vocab or DEFAULT_BPE_VOCAB)):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} is a file, but the splits go in a folder of that name; "
                             "move it away or choose another --out-dir")
@@ -174,6 +179,7 @@ def prepare(args) -> dict:
                         "uint16 ids can hold; use a smaller alphabet")
     gpt2_tok = GPT2Tokenizer()
     bpe_tok = train_bpe(train_text, args.bpe_vocab, name)
+    bpe_name = data_folder_name("bpe", bpe_tok.vocab_size)
     bpe_file = bpe_tok.to_hf_json().encode("utf-8")
     # name -> (the folder's tokenizer name, encode, its meta, files beside the bins)
     tokenizers = {
@@ -213,6 +219,11 @@ def main(argv=None) -> int:
               f"tokens  val {meta['n_val_tokens']:>8,} tokens "
               f"({meta['n_val_chars'] / meta['n_val_tokens']:.2f} characters/token)  "
               f"-> {args.out_dir / folder_name}")
+    bpe = next(meta for meta in metas.values() if meta["tokenizer"] == "bpe")
+    if bpe["vocab_size"] < (args.bpe_vocab or DEFAULT_BPE_VOCAB):
+        print(f"note: the train split fills a BPE of only {bpe['vocab_size']:,} tokens, not "
+              f"{DEFAULT_BPE_VOCAB:,}; train the GPT on it with --data-dir "
+              f"{args.out_dir / data_folder_name('bpe', bpe['vocab_size'])}")
     print(f"done in {time.time() - t0:.1f}s")
     return 0
 

@@ -41,6 +41,7 @@ def assert_nothing_written(out: Path) -> None:
     """A failed run leaves no splits, no cached corpus and no temp files behind."""
     assert not (out / "char").exists()
     assert not (out / "gpt2").exists()
+    assert not list(out.glob("bpe*"))
     assert not (out / "input.txt").exists()
     assert all_files(out) == [], f"stray files left in {out}: {all_files(out)}"
 
@@ -230,7 +231,10 @@ def test_user_text_splits_and_meta(tmp_path):
         assert tok.decode(val_ids.tolist()) == val_text
     assert read_meta(out, "char")["chars"] == sorted(set(text))
     assert "chars" not in read_meta(out, "gpt2")
-    assert all_files(out) == [f"{t}/{f}" for t in ("char", "gpt2") for f in sorted(SPLIT_FILES)]
+    bpe = read_meta(out, "bpe373")  # the text fills 373 tokens, fewer than the default 2048
+    assert (bpe["tokenizer"], bpe["vocab_size"], bpe["n_val_chars"]) == ("bpe", 373, len(val_text))
+    assert all_files(out) == sorted([f"bpe373/{f}" for f in (*SPLIT_FILES, "tokenizer.json")]
+                                    + [f"{t}/{f}" for t in ("char", "gpt2") for f in SPLIT_FILES])
 
 
 def test_val_fraction_half_is_accepted(tmp_path, small_text_file):
