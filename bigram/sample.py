@@ -2,6 +2,7 @@
 
     python bigram/sample.py --num-samples 4
     python bigram/sample.py --prompt "ROMEO:" --temperature 0.8 --stream
+    python bigram/sample.py --interactive --max-new-tokens 200
 """
 import sys
 from pathlib import Path

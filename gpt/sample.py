@@ -2,6 +2,7 @@
 
     python gpt/sample.py --num-samples 4
     python gpt/sample.py --prompt "ROMEO:" --temperature 0.8 --stream
+    python gpt/sample.py --interactive --max-new-tokens 200
 """
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The sample.py command both models share: load a checkpoint, generate N samples in one batch.
+"""The sample.py command both models share: load a checkpoint, generate N samples in one batch
+(or, with --interactive, continue prompt after prompt: lmkit/interactive.py).
 
 The generation maths (filtering, drawing, the KV-cache loop) is lmkit/generation.py."""
 import argparse
@@ -16,6 +17,16 @@ from lmkit.files import (REPO_ROOT, RunPaths, atomic_write_text, check_run_name,
                          read_user_file)
 from lmkit.generation import generate
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
+
+# The sampling settings a user can set by flag (and change by /command in --interactive):
+# name -> (is the value in range, what the range is).
+SAMPLING_RANGES = {
+    "max_new_tokens": (lambda v: v >= 0, "0 or more"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
+    "top_k": (lambda v: v is None or v >= 1, "at least 1"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1"),
+}
 
 
 def build_parser(kind: str, default_top_k, description: str) -> argparse.ArgumentParser:
@@ -39,6 +50,9 @@ def build_parser(kind: str, default_top_k, description: str) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--stream", action="store_true", help="print the first sample as it is produced")
+    p.add_argument("--interactive", action="store_true",
+                   help="load the checkpoint once, then continue each line read from standard "
+                        "input as a prompt, streaming the text; /help lists the commands")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole context every token (slow; for checks and benchmarks)")
     p.add_argument("--out", type=Path, help="file for the samples (default: samples/<run>/...)")
@@ -53,15 +67,19 @@ def check_args(args) -> None:
             raise UserError(message, exit_code=2)
 
     need(args.num_samples >= 1, f"--num-samples must be at least 1, got {args.num_samples}")
-    need(args.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}")
-    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}")
-    need(args.top_k is None or args.top_k >= 1, f"--top-k must be at least 1, got {args.top_k}")
-    need(args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
+    for name, (in_range, must_be) in SAMPLING_RANGES.items():
+        value = getattr(args, name)
+        need(in_range(value), f"--{name.replace('_', '-')} must be {must_be}, got {value}")
     need(args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both")
     need(args.out is None or not args.out.is_dir(), f"--out {args.out} is a folder; give a file name")
-    need(0 <= args.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
-    need(math.isfinite(args.temperature), f"--temperature must be a finite number, got "
-                                          f"{args.temperature}")
+    if args.interactive:
+        need(args.num_samples == 1, "--interactive makes one sample per prompt; leave out "
+                                    "--num-samples")
+        need(args.prompt is None and args.prompt_file is None, "--interactive reads its prompts "
+             "from standard input; leave out --prompt and --prompt-file")
+        need(args.out is None or args.out.is_file() or not args.out.exists(),
+             f"--interactive rewrites its transcript after every turn, so --out must name a "
+             f"regular file, not {args.out}")
 
 
 def find_checkpoint(args, kind: str) -> Path:
@@ -125,6 +143,21 @@ def prompt_ids(text: str, tokenizer, block_size: int) -> list:
     return ids
 
 
+def checkpoint_line(path: Path, state: dict) -> str:
+    """The header line a samples file opens with: which checkpoint, how trained."""
+    val = state["metrics"][-1]["val_loss"] if state["metrics"] else float("nan")
+    return f"# checkpoint: {path} (step {state['step']}, val loss {val:.4f})\n"
+
+
+def samples_path(args, name: str) -> Path:
+    """--out, or a new samples/<run>/<name>-<date>-<time>.txt; its folder is checked writable."""
+    path = args.out or unused_path(RunPaths.for_run(args.out_dir, args.run).samples /
+                                   f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+    if path.is_file() or not path.exists():  # a device or FIFO needs no folder check
+        ensure_writable_dirs(path.parent)
+    return path
+
+
 def unused_path(path: Path) -> Path:
     """path, or path with -2, -3, ... before its suffix if a file is already there."""
     candidate, n = path, 1
@@ -178,16 +211,17 @@ def main(family, description: str, argv=None) -> int:
     model = load_model(state, family, device)
     meta = state["meta"]
     tokenizer = tokenizer_from_meta(meta)
+    if args.interactive:
+        from lmkit.interactive import Session  # a lazy import: that module builds on this one
+        return Session(model, tokenizer, meta, args, device, samples_path(args, "interactive"),
+                       checkpoint_line(path, state)).run()
     prompt_text = read_prompt(args)
     ids = prompt_ids(prompt_text, tokenizer, model.config.block_size)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tokenizer, tokenizer.decode(ids) if prompt_text else "") if args.stream else None
 
-    out_path = args.out or unused_path(RunPaths.for_run(args.out_dir, args.run).samples /
-                                       f"samples-{time.strftime('%Y%m%d-%H%M%S')}.txt")
-    if out_path.is_file() or not out_path.exists():  # a device or FIFO needs no folder check
-        ensure_writable_dirs(out_path.parent)
+    out_path = samples_path(args, "samples")
 
     new_tokens = []  # (B, 1) each: what a stopped run has made so far is still saved
 
@@ -211,8 +245,7 @@ def main(family, description: str, argv=None) -> int:
     skip = 0 if prompt_text else len(ids)  # the start token of an empty prompt is not text
     texts = [tokenizer.decode(row[skip:].tolist()) for row in out]
 
-    step, val = state["step"], state["metrics"][-1]["val_loss"] if state["metrics"] else float("nan")
-    header = (f"# checkpoint: {path} (step {step}, val loss {val:.4f})\n"
+    header = (checkpoint_line(path, state) +
               f"# num_samples={args.num_samples} max_new_tokens={args.max_new_tokens} "
               f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
               f"seed={args.seed} kv_cache={not args.no_kv_cache} prompt={prompt_text!r}\n")
