@@ -71,12 +71,25 @@ class TrainConfig:
                             "another text since the run was saved", False)
     out_dir: str = option("folder holding checkpoints/, plots/ and samples/ (default: the "
                           "repository root)", "")
+    tensorboard: bool = option("log the train and val loss, val bits per character, learning "
+                               "rate, tokens/s and each evaluation's sample to TensorBoard event "
+                               "files in checkpoints/<run>/tensorboard/ (needs `pip install "
+                               "tensorboard`)", False)
+    wandb: bool = option("log the same to Weights & Biases, in checkpoints/<run>/wandb/; offline "
+                         "(sync later with `wandb sync`) unless W&B has an API key or WANDB_MODE "
+                         "says otherwise (needs `pip install wandb`)", False)
+    show_samples: bool = option("print the start of a generated sample after each evaluation",
+                                False)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-PER_INVOCATION = ("device", "resume", "run", "overwrite", "new_data", "out_dir")
+# Tracking and display flags are per invocation too: they say how to watch this session, not
+# how to train, and a --resume on a machine without tensorboard or wandb should not fail on a
+# flag nobody typed (the trainer names the ones an earlier session used; see lmkit.tracking).
+PER_INVOCATION = ("device", "resume", "run", "overwrite", "new_data", "out_dir", "tensorboard",
+                  "wandb", "show_samples")
 
 # Help for the architecture flags, which come from the model's own config dataclass.
 MODEL_HELP = {

@@ -35,12 +35,15 @@ from lmkit.optim import describe, make_optimizer, set_learning_rate
 from lmkit.plotting import plot_losses
 from lmkit.schedule import lr_at
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
+from lmkit.tracking import Tracking, check_installed, forgotten_flags
 
 # What --resume needs beyond what sampling needs (see lmkit.checkpoint.REQUIRED_KEYS).
 RESUME_KEYS = ("train_config", "optimizer", "tokens_seen", "loss_curve", "best_val_loss",
                "elapsed_s", "rank_states")
 METRIC_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen", "elapsed_s",
                  "tokens_per_s")
+EVAL_SAMPLE_TOKENS = 100  # the sample each evaluation logs (--tensorboard, --wandb) or shows
+SAMPLE_LINE_CHARS = 80    # how much of it --show-samples prints
 
 
 class StopRequest:
@@ -76,12 +79,27 @@ class StopRequest:
             signal.signal(getattr(signal, name), handler)
 
 
-class ProgressDisplay:
-    """A progress bar on a terminal, a plain line per log step otherwise; only on rank 0."""
+def one_line(text: str, width: int) -> str:
+    """The start of text as one line of at most `width` characters: line breaks and other
+    control characters shown escaped (\\n), never cut in half."""
+    shown = ""
+    for char in text:
+        piece = char if char.isprintable() else repr(char)[1:-1]
+        if len(shown) + len(piece) > width:
+            break
+        shown += piece
+    return shown
 
-    def __init__(self, enabled: bool):
+
+class ProgressDisplay:
+    """A progress bar on a terminal, a plain line per log step otherwise; only on rank 0.
+    Both show the latest evaluation's val bits per character once there is one."""
+
+    def __init__(self, enabled: bool, val_bpc=None):
         self.enabled = enabled
         self.bar = None
+        self.val_bpc = val_bpc
+        self.postfix = {}
 
     def start(self, step: int, total: int) -> None:
         if self.enabled and sys.stderr.isatty():
@@ -91,11 +109,25 @@ class ProgressDisplay:
         if not self.enabled:
             return
         if self.bar is None:
+            bpc = "" if self.val_bpc is None else f"  val bpc {self.val_bpc:.4f}"
             print(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} "
-                  "tokens/s", flush=True)
+                  f"tokens/s{bpc}", flush=True)
             return
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self.postfix = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self._set_postfix()
         self.bar.update(step - self.bar.n)
+
+    def evaluated(self, val_bpc: float, sample=None) -> None:
+        """Show val_bpc from now on, and a line of the sample when given (--show-samples)."""
+        self.val_bpc = val_bpc
+        if self.bar is not None:
+            self._set_postfix()
+        if sample is not None:
+            self.write(f"  sample: {one_line(sample, SAMPLE_LINE_CHARS)}")
+
+    def _set_postfix(self) -> None:
+        bpc = {} if self.val_bpc is None else {"val_bpc": f"{self.val_bpc:.4f}"}
+        self.bar.set_postfix(**self.postfix, **bpc)
 
     def write(self, line: str) -> None:
         if self.enabled:
@@ -175,6 +207,7 @@ class Trainer:
             dev.keep_freed_memory()
         self.is_main = self.procs.is_main
         self.lock = None  # rank 0 owns the run folder from _claim_run_folder on; close() lets go
+        self.tracking = Tracking()  # rank 0's TensorBoard and W&B writers, if asked for
         self.replacing = False  # --overwrite: the old run's files stay until the first save
         try:
             state = self._configure(flags)
@@ -184,6 +217,10 @@ class Trainer:
             self.history = TrainingHistory(self.tokens_per_step, self.device)
             if state is not None:
                 self._restore(state)
+            if self.is_main:  # only rank 0 logs
+                config = {"kind": self.family.kind, **self.cfg.to_dict(), **vars(self.model_config)}
+                self.tracking = Tracking.open(self.cfg, self.paths.checkpoints, self.run,
+                                              self.history.step, config)
         except BaseException:
             self.close()
             raise
@@ -194,7 +231,8 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 self.forward_model, device_ids=dev.ddp_device_ids(self.device))
         self.stop = StopRequest(announce=self.is_main)  # fit() installs its Ctrl-C handler
-        self.display = ProgressDisplay(enabled=self.is_main)
+        latest = self.history.metrics[-1]["val_bpc"] if self.history.metrics else None
+        self.display = ProgressDisplay(enabled=self.is_main, val_bpc=latest)
 
     # ---- setup, in the order __init__ runs it -------------------------------------------
     def _configure(self, flags: dict):
@@ -212,6 +250,7 @@ class Trainer:
             values = resumed_values(self.family, flags, state)
         cfg, self.model_values = split_values(self.family, values)
         validate(cfg, self.model_values)
+        check_installed(cfg)  # --tensorboard, --wandb: refused before anything is written
         if cfg.compile:
             dev.check_can_compile()
         if cfg.data_dir:  # remembered for --resume, which may run from another folder
@@ -384,14 +423,18 @@ class Trainer:
             self._check_finite()
             loss, tokens_per_s = self.history.close_window(self.procs)
             self.display.show(step, cfg.max_iters, loss, lr, tokens_per_s)
+            self.tracking.progress(step, loss, lr, tokens_per_s)
         if at_eval:
             result = self.evaluate()
             if not math.isfinite(result["val_loss"]):
                 self._fail_non_finite(step)
+            sample = self._eval_sample()  # before add_evaluation restarts the throughput clock
             is_best = self.history.add_evaluation(result, lr)
+            self.tracking.evaluation(step, result, sample)
             self.save(evaluated=True, is_best=is_best)
             self.display.write(f"step {step}: train {result['train_loss']:.4f}  val "
                                f"{result['val_loss']:.4f}  val bpc {result['val_bpc']:.4f}")
+            self.display.evaluated(result["val_bpc"], sample if cfg.show_samples else None)
         elif stopping:
             self.save(evaluated=False, is_best=False)
         return stopping
@@ -493,15 +536,26 @@ class Trainer:
                     [lr_at(s, self.cfg) for s in steps], self.tokens_per_step,
                     f"{name}: {self.model.num_params() / 1e6:.2f}M parameters")
 
-    def write_sample(self) -> Path:
+    def sample_text(self, n_tokens: int) -> str:
+        """n_tokens generated from the start token, always from the same seed (so samples at
+        different steps differ by the model only); the training's random state is untouched."""
         tokenizer = tokenizer_from_meta(self.meta)
         idx = torch.tensor([start_ids(tokenizer)], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.model.eval()
-        out = generate(self.model, idx, self.cfg.sample_tokens, top_k=self.family.default_top_k,
+        out = generate(self.model, idx, n_tokens, top_k=self.family.default_top_k,
                        generator=generator, vocab_size=self.meta["vocab_size"])
         self.model.train()
-        text = tokenizer.decode(out[0, 1:].tolist())
+        return tokenizer.decode(out[0, 1:].tolist())
+
+    def _eval_sample(self):
+        """The sample an evaluation logs or shows; None when nothing asks for one."""
+        if self.is_main and (self.tracking or self.cfg.show_samples):
+            return self.sample_text(EVAL_SAMPLE_TOKENS)
+        return None
+
+    def write_sample(self) -> Path:
+        text = self.sample_text(self.cfg.sample_tokens)
         path = self.paths.samples / "train_sample.txt"
         atomic_write_text(path, f"# {self.run} at step {self.history.step}, val loss "
                                 f"{self.history.metrics[-1]['val_loss']:.4f}, temperature 1.0\n{text}\n")
@@ -526,6 +580,11 @@ class Trainer:
                 print(f"optimizer: {describe(self.optimizer)}")
             if step:
                 print(f"resuming {self.paths.last} at step {step}")
+                forgotten = forgotten_flags(cfg, self.paths.checkpoints)
+                if forgotten:
+                    flags = " ".join(forgotten)
+                    print(f"note: an earlier session of this run logged with {flags}; this one "
+                          f"does not (add {flags} to continue its curves)")
         self.display.start(step, cfg.max_iters)
         stopped = False
         with self.stop:
@@ -544,7 +603,8 @@ class Trainer:
         return 0
 
     def close(self) -> None:
-        """Let go of the run folder (the process's end would too)."""
+        """Close the tracking writers and let go of the run folder (the process's end would)."""
+        self.tracking.close()
         if self.lock is not None:
             self.lock.release()
 
