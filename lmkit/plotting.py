@@ -24,8 +24,16 @@ def plot_losses(path, metrics: list, loss_curve: list, schedule_steps: list, sch
     if metrics:
         best = min(metrics, key=lambda m: m["val_loss"])
         ax.plot([best["step"]], [best["val_loss"]], "*", ms=14, color="tab:red",
-                label=f"best val {best['val_loss']:.4f} @ {best['step']}")
+                label=f"best val {best['val_loss']:.4f} ({best['val_bpc']:.3f} bits/char) "
+                      f"@ {best['step']}")
     ax.set_ylabel("cross-entropy loss (nats/token)")
+    if metrics and metrics[-1]["val_loss"] > 0:
+        # Bits per character compare runs on different tokenizers; the val split fixes how many
+        # characters a token covers, so the scale is one factor for the whole axis.
+        per_nat = metrics[-1]["val_bpc"] / metrics[-1]["val_loss"]
+        bpc_axis = ax.secondary_yaxis("right", functions=(lambda n: n * per_nat,
+                                                          lambda b: b / per_nat))
+        bpc_axis.set_ylabel("bits per character (val's characters per token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
