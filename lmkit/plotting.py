@@ -24,10 +24,11 @@ def plot_losses(path, metrics: list, loss_curve: list, schedule_steps: list, sch
     if metrics:
         best = min(metrics, key=lambda m: m["val_loss"])
         ax.plot([best["step"]], [best["val_loss"]], "*", ms=14, color="tab:red",
-                label=f"best val {best['val_loss']:.4f} ({best['val_bpc']:.3f} bits/char) "
-                      f"@ {best['step']}")
+                label=f"best val {best['val_loss']:.4f} "
+                      + (f"({best['val_bpc']:.3f} bits/char) " if best.get("val_bpc") else "")
+                      + f"@ {best['step']}")
     ax.set_ylabel("cross-entropy loss (nats/token)")
-    if metrics and metrics[-1]["val_loss"] > 0:
+    if metrics and metrics[-1].get("val_bpc") and metrics[-1]["val_loss"] > 0:
         # Bits per character compare runs on different tokenizers; the val split fixes how many
         # characters a token covers, so the scale is one factor for the whole axis.
         per_nat = metrics[-1]["val_bpc"] / metrics[-1]["val_loss"]
