@@ -4,11 +4,14 @@
     python bench.py --model gpt --steps 10 --json bench_gpt.json
     python bench.py --model bigram --preset cpu -- --dtype float32    # any train.py flag after --
     python bench.py --model gpt --head-loss -- --batch-size 64 --block-size 256   # head chunking
+    python bench.py --bpe-training data/input.txt --bpe-vocab 2048   # rustbpe against tokenizers
 
 Prints a table and writes the numbers as JSON. It measures; it asserts nothing.
 """
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +25,8 @@ from lmkit.errors import run_main
 from lmkit.files import atomic_write_text
 from lmkit.generation import generate
 from lmkit.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent
 
 
 def model_family(name: str):
@@ -137,6 +142,54 @@ def bench_prepare() -> float:
         return time.perf_counter() - t0
 
 
+def text_pieces(path: Path, size: int = 1 << 20):
+    """A text file read in pieces of about a MiB, as a trainer can take it without holding it."""
+    with open(path, encoding="utf-8") as f:
+        while piece := f.read(size):
+            yield piece
+
+
+def train_bpe_with(library: str, path: Path, vocab_size: int) -> dict:
+    """Learn a byte-level BPE with GPT-2's pattern; seconds, tokens reached and this process's
+    peak memory (run it in a process of its own for a fair peak)."""
+    from lmkit.tokenizers import GPT2_PATTERN
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    t0 = time.perf_counter()
+    if library == "rustbpe":
+        import rustbpe
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(text_pieces(path), vocab_size, pattern=GPT2_PATTERN)
+        reached = trainer.vocab_size
+    else:
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        bpe = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(text_pieces(path), bpe)
+        reached = tokenizer.get_vocab_size()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": time.perf_counter() - t0, "vocab": reached, "peak_rss_mb": peak / 1024,
+            "peak_growth_mb": (peak - before) / 1024}
+
+
+def bench_bpe_training(path: Path, vocab_size: int) -> dict:
+    """Each BPE trainer on the same text, each in a fresh process."""
+    results = {}
+    for library in ("rustbpe", "tokenizers"):
+        code = (f"import json, sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r}); "
+                f"import bench; print(json.dumps(bench.train_bpe_with({library!r}, "
+                f"Path({str(path)!r}), {vocab_size})))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode != 0:
+            results[library] = {"error": done.stderr.strip().splitlines()[-1]}
+            continue
+        results[library] = json.loads(done.stdout)
+    return results
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -152,10 +205,25 @@ def main(argv=None) -> int:
     p.add_argument("--skip-sampling", action="store_true")
     p.add_argument("--head-loss", action="store_true",
                    help="gpt: also time the head loss chunked at several sizes and plain")
+    p.add_argument("--bpe-training", type=Path, metavar="TEXT",
+                   help="instead: time rustbpe and tokenizers learning a BPE of TEXT, with peak memory")
+    p.add_argument("--bpe-vocab", type=int, default=2048, help="the BPE size for --bpe-training")
     p.add_argument("--json", type=Path, default=Path("bench_results.json"))
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be at least 1")
+    if args.bpe_training:
+        if not args.bpe_training.is_file():
+            p.error(f"--bpe-training {args.bpe_training} is not a file")
+        results = bench_bpe_training(args.bpe_training, args.bpe_vocab)
+        mb = args.bpe_training.stat().st_size / 1e6
+        for library, r in results.items():
+            print(f"{library:<11} {mb:,.1f} MB to {args.bpe_vocab} tokens: " + (
+                r.get("error") or f"{r['seconds']:.2f} s, peak memory {r['peak_rss_mb']:,.0f} MiB "
+                                  f"({r['peak_growth_mb']:,.0f} MiB above the process before "
+                                  f"training), {r['vocab']} tokens"))
+        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+        return 0
 
     family = model_family(args.model)
     with tempfile.TemporaryDirectory() as out:
