@@ -7,13 +7,9 @@ from lmkit.files import atomic_write_bytes
 def plot_losses(path, metrics: list, loss_curve: list, schedule_steps: list, schedule_lrs: list,
                 tokens_per_step: int, title: str) -> None:
     """metrics: one dict per evaluation; loss_curve: [step, running training loss] pairs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [m["step"] for m in metrics]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
-                                    gridspec_kw={"height_ratios": [3, 1]})
+    fig = new_figure((8, 6.5))
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if loss_curve:
         ax.plot([p[0] for p in loss_curve], [p[1] for p in loss_curve], color="tab:blue",
                 alpha=0.3, lw=1, label="train loss (running)")
@@ -48,10 +44,24 @@ def plot_losses(path, metrics: list, loss_curve: list, schedule_steps: list, sch
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
+    save_png(fig, path)
+
+
+def new_figure(size: tuple):
+    """A figure of its own, drawn by the file-only Agg renderer: no pyplot, so nothing changes
+    for the process (a notebook keeps drawing inline while a trainer in it saves plots)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, path) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -66,12 +76,9 @@ Y_AXES = {"loss": ("val_loss", "val loss (whole split, nats/token)"),
 def plot_comparison(path, curves: dict, x: str, y: str = "loss") -> None:
     """Overlay the val curves of several runs; curves: label -> metrics rows; x and y: keys of
     X_AXES and Y_AXES."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     (x_column, x_label), (y_column, y_label) = X_AXES[x], Y_AXES[y]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = new_figure((8, 5))
+    ax = fig.subplots()
     for name, rows in curves.items():
         values = [float(r[y_column]) for r in rows]
         ax.plot([float(r[x_column]) for r in rows], values, "o-", ms=3,
@@ -80,8 +87,4 @@ def plot_comparison(path, curves: dict, x: str, y: str = "loss") -> None:
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)

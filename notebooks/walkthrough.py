@@ -224,14 +224,10 @@ def train(family, run: str, data: Path, max_iters: int) -> Trainer:
              "--device", DEVICE, "--max-iters", str(max_iters),
              "--eval-interval", str(max(1, max_iters // 5)), "--overwrite"]
     trainer = Trainer(family, parse_flags(family, "", flags + (TINY_MODEL if TINY else [])))
-    backend = plt.get_backend()
     try:
         trainer.fit()
     finally:
         trainer.close()
-        # The trainer saves its loss plot to a file through matplotlib's file-only backend,
-        # which it selects for the whole process; this brings back drawing in the notebook.
-        plt.switch_backend(backend)
     return trainer
 
 
