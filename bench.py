@@ -5,23 +5,30 @@
     python bench.py --model bigram --preset cpu -- --dtype float32    # any train.py flag after --
     python bench.py --model gpt --head-loss -- --batch-size 64 --block-size 256   # head chunking
     python bench.py --bpe-training data/input.txt --bpe-vocab 2048   # rustbpe against tokenizers
+    python bench.py --vs-nanogpt ~/nanoGPT --model gpt   # the preset against nanoGPT's CPU recipe
 
 Prints a table and writes the numbers as JSON. It measures; it asserts nothing.
 """
 import argparse
+import csv
 import json
+import math
+import pickle
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmkit import device as dev
 from lmkit.config import parse_flags
-from lmkit.errors import run_main
+from lmkit.errors import UserError, run_main
 from lmkit.files import atomic_write_text
 from lmkit.generation import generate
 from lmkit.trainer import Trainer
@@ -190,6 +197,71 @@ def bench_bpe_training(path: Path, vocab_size: int) -> dict:
     return results
 
 
+# nanoGPT's README command for a laptop CPU: its char model, 4 layers, 128 wide, block 64,
+# batch 12, 2,000 iterations, fp32, no compile; evaluated once, at the end (20 batches).
+NANOGPT_CPU_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=10",
+                     "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                     "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000",
+                     "--dropout=0.0", "--eval_interval=2000"]
+
+
+def run_nanogpt_cpu(checkout: Path, corpus: Path, work: Path) -> dict:
+    """nanoGPT's CPU char recipe, from an unmodified copy of its checkout, on our 90/10 split of
+    the corpus: wall seconds and its last val loss (nats per character)."""
+    copy = work / "nanogpt"
+    shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git", "out*"))
+    data = copy / "data" / "shakespeare_char"
+    data.mkdir(parents=True, exist_ok=True)
+    text = corpus.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    n_train = int(0.9 * len(text))
+    for name, part in (("train", text[:n_train]), ("val", text[n_train:])):
+        np.array([stoi[c] for c in part], dtype=np.uint16).tofile(data / f"{name}.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py",
+                           *NANOGPT_CPU_FLAGS, f"--out_dir={work / 'nanogpt_out'}"],
+                          cwd=copy, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    losses = re.findall(r"val loss ([0-9.]+)", done.stdout)
+    if done.returncode != 0 or not losses:
+        raise UserError(f"nanoGPT failed: {(done.stderr or done.stdout)[-500:]}")
+    return {"wall_s": seconds, "val_loss": float(losses[-1]),
+            "val_bpc": float(losses[-1]) / math.log(2)}
+
+
+def run_preset(model: str, preset: str, work: Path, extra: list) -> dict:
+    """Our training command, timed whole: wall seconds and its best val bits per character."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / model / "train.py"), "--preset", preset,
+                           "--out-dir", str(work), "--run", "vs-nanogpt", *extra],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise UserError(f"{model}/train.py failed: {done.stderr[-500:]}")
+    with open(work / "checkpoints" / "vs-nanogpt" / "metrics.csv") as f:
+        best = min(csv.DictReader(f), key=lambda row: float(row["val_bpc"]))
+    return {"wall_s": seconds, "val_loss": float(best["val_loss"]),
+            "val_bpc": float(best["val_bpc"]), "step": int(best["step"])}
+
+
+def bench_vs_nanogpt(checkout: Path, corpus: Path, model: str, preset: str, extra: list) -> dict:
+    """nanoGPT's CPU recipe, then our preset, back to back on this machine."""
+    if not corpus.is_file():
+        raise UserError(f"--vs-nanogpt reads the text from {corpus}; run `python "
+                         "prepare_data.py` first, or give --corpus")
+    if not (checkout / "train.py").is_file():
+        raise UserError(f"--vs-nanogpt {checkout} is not a nanoGPT checkout (no train.py)")
+    with tempfile.TemporaryDirectory() as work:
+        nanogpt = run_nanogpt_cpu(checkout, corpus, Path(work))
+        ours = run_preset(model, preset, Path(work), extra)
+    return {"nanogpt": nanogpt, "ours": ours, "model": model, "preset": preset,
+            "extra_flags": extra, "threads": torch.get_num_threads(),
+            "time_ratio": ours["wall_s"] / nanogpt["wall_s"]}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -208,6 +280,12 @@ def main(argv=None) -> int:
     p.add_argument("--bpe-training", type=Path, metavar="TEXT",
                    help="instead: time rustbpe and tokenizers learning a BPE of TEXT, with peak memory")
     p.add_argument("--bpe-vocab", type=int, default=2048, help="the BPE size for --bpe-training")
+    p.add_argument("--vs-nanogpt", type=Path, metavar="CHECKOUT",
+                   help="instead: run nanoGPT's CPU char recipe from this checkout, then "
+                        "--model's --preset, back to back, and compare wall time and val bpc")
+    p.add_argument("--corpus", type=Path, default=ROOT / "data" / "input.txt",
+                   help="the text nanoGPT trains on with --vs-nanogpt (default: %(default)s); "
+                        "ours reads its prepared data")
     p.add_argument("--json", type=Path, default=Path("bench_results.json"))
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -223,6 +301,15 @@ def main(argv=None) -> int:
                                   f"({r['peak_growth_mb']:,.0f} MiB above the process before "
                                   f"training), {r['vocab']} tokens"))
         atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+        return 0
+    if args.vs_nanogpt:
+        result = bench_vs_nanogpt(args.vs_nanogpt, args.corpus, args.model, args.preset, extra)
+        for name in ("nanogpt", "ours"):
+            r = result[name]
+            print(f"{name:<8} wall {r['wall_s']:7.1f} s   val loss {r['val_loss']:.4f}   "
+                  f"val {r['val_bpc']:.4f} bits/char")
+        print(f"ours took {result['time_ratio']:.2f}x nanoGPT's wall time")
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
         return 0
 
     family = model_family(args.model)

@@ -37,3 +37,28 @@ def test_bench_times_the_head_loss_chunkings(prepared, tmp_path):
     timings = json.loads(out.read_text())["head_loss_ms"]
     assert set(timings) == {"chunk_128", "chunk_512", "chunk_2048", "chunk_8192", "plain"}
     assert all(ms > 0 for ms in timings.values())
+
+
+def test_bench_runs_nanogpt_then_our_preset_back_to_back(prepared, small_text_file, tmp_path):
+    """--vs-nanogpt: a stand-in nanoGPT checkout gets our 90/10 split and nanoGPT's CPU flags,
+    then our command runs; both rows are read back."""
+    checkout = tmp_path / "nanoGPT"
+    (checkout / "config").mkdir(parents=True)
+    (checkout / "config" / "train_shakespeare_char.py").write_text("")
+    (checkout / "train.py").write_text(
+        "import os, sys\n"
+        "assert os.path.getsize('data/shakespeare_char/train.bin') > 0\n"
+        "assert '--device=cpu' in sys.argv and '--max_iters=2000' in sys.argv\n"
+        "print('step 2000: train loss 1.4000, val loss 1.6000')\n")
+    out = tmp_path / "vs.json"
+    result = run_script("bench.py", "--vs-nanogpt", checkout, "--corpus", small_text_file,
+                        "--model", "bigram", "--json", out, "--",
+                        "--data-dir", prepared / "char", "--n-layer", 1, "--n-embd", 16,
+                        "--n-head", 2, "--block-size", 16, "--batch-size", 4, "--max-iters", 4,
+                        "--eval-interval", 2, "--eval-iters", 1, "--warmup-iters", 1,
+                        "--sample-tokens", 0)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["nanogpt"]["val_loss"] == 1.6
+    assert numbers["ours"]["step"] in (2, 4) and numbers["ours"]["val_bpc"] > 0
+    assert numbers["time_ratio"] > 0 and "bits/char" in result.stdout
