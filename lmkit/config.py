@@ -7,6 +7,7 @@ recipe.
 """
 import argparse
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from lmkit.errors import UserError
@@ -150,12 +151,38 @@ def build_parser(family, description: str) -> argparse.ArgumentParser:
 
 
 def parse_flags(family, description: str, argv=None) -> dict:
-    """The values the user chose on the command line, a preset's included."""
+    """The values the user chose on the command line, a preset's included, with the recipe's
+    schedule fitted to a shorter --max-iters (see fit_schedule)."""
     args = vars(build_parser(family, description).parse_args(argv))
     preset = args.pop("preset")
     chosen = dict(family.presets.get(preset, {})) if preset else {}
-    chosen.update({k: v for k, v in args.items() if v is not None})
+    explicit = {k: v for k, v in args.items() if v is not None}
+    if not explicit.get("resume"):  # a resumed run's schedule is the checkpoint's, not a recipe's
+        changes = fit_schedule({**recipe_values(family), **chosen}, explicit)
+        if changes and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it
+            print("short run: " + ", ".join(f"--{name.replace('_', '-')} {old} -> {new}"
+                                            for name, (old, new) in changes.items())
+                  + f" to fit --max-iters {explicit['max_iters']}")
+        chosen.update({name: new for name, (old, new) in changes.items()})
+    chosen.update(explicit)
     return chosen
+
+
+def fit_schedule(recipe: dict, explicit: dict) -> dict:
+    """{name: (recipe's value, fitted value)} for the recipe's (or preset's) warmup and
+    evaluation interval when they exceed a shorter --max-iters given in `explicit`. Warmup
+    keeps its fraction of the recipe's run; evaluation comes at the end. Values the user gave
+    stay as given (validate refuses a warmup longer than the run)."""
+    max_iters, changes = explicit.get("max_iters"), {}
+    if max_iters is None or max_iters < 1:  # validate says what is wrong with < 1
+        return changes
+    warmup = recipe["warmup_iters"]  # -1 (a quarter of the run) always fits
+    if "warmup_iters" not in explicit and warmup > max_iters:
+        fitted = round(warmup * max_iters / recipe["max_iters"])
+        changes["warmup_iters"] = (warmup, max(0, min(max_iters, fitted)))
+    if "eval_interval" not in explicit and recipe["eval_interval"] > max_iters:
+        changes["eval_interval"] = (recipe["eval_interval"], max_iters)
+    return changes
 
 
 def split_values(family, values: dict) -> tuple:

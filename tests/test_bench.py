@@ -1,6 +1,8 @@
 """bench.py runs end to end and writes its JSON (it measures; no speed is asserted here)."""
 import json
 
+import pytest
+
 from conftest import run_script
 from lmkit.device import cpu_has_fast_bf16
 
@@ -26,6 +28,7 @@ def test_bench_writes_every_measurement(prepared, tmp_path):
     assert "tokens_per_s" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_times_the_head_loss_chunkings(prepared, tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("bench.py", "--model", "gpt", "--steps", 1, "--warmup", 1,

@@ -155,12 +155,14 @@ def test_checkpoint_moves_between_a_gpu_and_the_cpu(gpu, prepared, tmp_path):
 
 # ---- --compile, and out of memory ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compile_trains_a_few_steps(prepared, tmp_path):
     assert bigram_main(tiny_flags(prepared / "char", tmp_path, compile=True, max_iters=3,
                                   eval_interval=3, eval_iters=1, sample_tokens=0)) == 0
     assert read_metrics(tmp_path, "bigram")[-1]["step"] == "3"
 
 
+@pytest.mark.slow
 def test_the_feed_forward_relu_compiles_without_a_boolean_mask():
     """nn.ReLU under torch.compile saves a boolean mask whose stores are slow on AVX2 CPUs; the
     model's ReLU must compile to float-only kernels and give the same gradients as eager."""
@@ -194,6 +196,7 @@ def test_the_feed_forward_relu_is_nn_relu_bit_for_bit_in_eager():
     assert torch.equal(out, reference) and torch.equal(x.grad, y.grad)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_training_steps_keep_freed_memory_instead_of_page_faulting_it_back():
     """Each step frees its activations and allocates them again. glibc's defaults hand big blocks
@@ -224,6 +227,7 @@ def test_training_steps_keep_freed_memory_instead_of_page_faulting_it_back():
     assert int(result.stdout) <= 3
 
 
+@pytest.mark.slow
 def test_a_cpu_run_too_big_for_the_memory_is_refused_before_it_starts(prepared, tmp_path):
     result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path),
                         "--batch-size", 1_000_000, "--n-embd", 384, "--n-head", 6)

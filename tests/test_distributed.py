@@ -9,6 +9,8 @@ import torch
 from conftest import REPO_ROOT, read_metrics, tiny_flags
 from gpt.train import main as gpt_main
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun and its processes
+
 
 def torchrun(script, *args, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

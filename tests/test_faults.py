@@ -75,6 +75,7 @@ def test_overwrite_stopped_before_its_first_evaluation_leaves_only_the_new_run(
 
 # ---- 2. one owner per run folder -------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second", [["--overwrite"], ["--resume"]])
 def test_second_command_on_a_run_in_use_is_refused_and_touches_nothing(second, prepared, tmp_path):
     folder = tmp_path / "checkpoints" / "bigram"
@@ -98,6 +99,7 @@ def test_second_command_on_a_run_in_use_is_refused_and_touches_nothing(second, p
 
 # ---- 3. SIGTERM and SIGHUP stop like Ctrl-C ---------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_scheduler_signals_save_and_print_the_resume_command(sig, prepared, tmp_path):
     folder = tmp_path / "checkpoints" / "bigram"
@@ -114,6 +116,7 @@ def test_scheduler_signals_save_and_print_the_resume_command(sig, prepared, tmp_
     assert state["step"] >= 5 and state["step"] == int(out.split("stopped at step ")[1].split(";")[0])
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_saves_the_run(prepared, tmp_path):
     folder = tmp_path / "checkpoints" / "bigram"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -153,6 +156,7 @@ def test_run_names_that_are_paths_are_refused(prepared, tmp_path):
     assert result.returncode == 2 and "is not a run name" in one_error_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_resume_command_survives_being_pasted(prepared, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "my runs"
     stop_requested_during(3, monkeypatch)
@@ -195,6 +199,7 @@ def run_into_closed_pipe(args: list) -> tuple:
     return proc.wait(timeout=300), err
 
 
+@pytest.mark.slow
 def test_sample_into_a_pipe_that_closes_saves_its_samples(trained, tmp_path):
     out = tmp_path / "samples.txt"
     code, err = run_into_closed_pipe([REPO_ROOT / "bigram/sample.py", "--out-dir", trained,
@@ -203,6 +208,7 @@ def test_sample_into_a_pipe_that_closes_saves_its_samples(trained, tmp_path):
     assert out.read_text().count("---------- sample") == 3
 
 
+@pytest.mark.slow
 def test_training_into_a_pipe_that_closes_finishes_and_saves(prepared, tmp_path):
     code, err = run_into_closed_pipe([REPO_ROOT / "bigram/train.py",
                                       *tiny_flags(prepared / "char", tmp_path, max_iters=30,
@@ -211,6 +217,7 @@ def test_training_into_a_pipe_that_closes_finishes_and_saves(prepared, tmp_path)
     assert torch.load(tmp_path / "checkpoints/bigram/last.pt", weights_only=True)["step"] == 30
 
 
+@pytest.mark.slow
 def test_console_that_cannot_encode_the_text_shows_it_replaced(trained, tmp_path):
     out = tmp_path / "samples.txt"
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
@@ -223,6 +230,7 @@ def test_console_that_cannot_encode_the_text_shows_it_replaced(trained, tmp_path
 
 # ---- 7. --out behaves like the shell's > -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_out_follows_symlinks_and_writes_into_fifos_and_devices(trained, tmp_path):
     target = tmp_path / "real.txt"
     target.write_text("old")
@@ -275,6 +283,7 @@ def test_tiny_temperature_is_greedy(trained):
     assert torch.equal(greedy, tiny)
 
 
+@pytest.mark.slow
 def test_compile_without_a_compiler_is_one_sentence(prepared, tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -302,6 +311,7 @@ def test_streaming_decodes_each_token_once(trained, monkeypatch, capsys):
     assert capsys.readouterr().out == original(ids) + "\n"
 
 
+@pytest.mark.slow
 def test_sampling_stopped_early_saves_what_it_made(trained, tmp_path):
     out = tmp_path / "samples.txt"
     proc = start("bigram/sample.py", "--out-dir", trained, "--num-samples", 2,
@@ -317,6 +327,7 @@ def test_sampling_stopped_early_saves_what_it_made(trained, tmp_path):
     assert "# stopped after" in text and text.count("---------- sample") == 2
 
 
+@pytest.mark.slow
 def test_last_pt_that_is_a_folder_is_refused_before_training(prepared, tmp_path):
     (tmp_path / "checkpoints" / "bigram" / "last.pt").mkdir(parents=True)
     result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path))

@@ -242,6 +242,7 @@ def test_model_names_resolve_through_the_local_cache_offline(tiny_gpt2, tmp_path
         hf.load_gpt2("gpt2-medium", 16)
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_found_is_one_error_line_from_a_command(tmp_path):
     code = ("from lmkit.errors import run_main; from lmkit.hf import load_gpt2\n"
             "run_main(lambda: load_gpt2('gpt2', None))")
@@ -318,6 +319,7 @@ def test_a_failed_export_leaves_no_folder_and_overwrite_replaces(trained, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
+@pytest.mark.slow
 def test_training_from_a_gpt2_folder_starts_from_its_weights(tiny_gpt2, prepared, tmp_path):
     """--init-from FOLDER: step 0 gives transformers' logits; the run then trains, resumes,
     samples and exports like any other."""

@@ -67,6 +67,7 @@ def step_at_least(folder, step):
     return check
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["writing last.pt", "writing best.pt", "between steps"])
 def test_kill_9_at_any_moment_then_resume_equals_uninterrupted(moment, prepared, tmp_path, reference):
     """kill -9 leaves whole checkpoints (old or new); --resume ends with the same weights."""
@@ -93,6 +94,7 @@ def test_kill_9_at_any_moment_then_resume_equals_uninterrupted(moment, prepared,
     assert_same_weights(saved_weights(tmp_path, "bigram"), reference)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_equals_uninterrupted(prepared, tmp_path, reference):
     """SIGINT: the step finishes, last.pt is written, the resume command is printed, exit 130."""
     proc = start_training(crash_flags(prepared, tmp_path, eval_interval=10))
@@ -153,6 +155,7 @@ def test_truncated_checkpoint_names_file_and_points_to_the_other(trained, tmp_pa
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"just some text\n", "tensor"])
 def test_file_that_is_not_a_checkpoint(content, tmp_path):
     path = tmp_path / "thing.pt"
@@ -183,6 +186,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+@pytest.mark.slow
 def test_nan_weights_from_a_huge_learning_rate_are_never_saved(prepared, tmp_path):
     flags = tiny_flags(prepared / "char", tmp_path, learning_rate=1e30, min_lr=0, grad_clip=0,
                        warmup_iters=0, max_iters=20, eval_interval=20)
@@ -210,6 +214,7 @@ def test_disk_full_while_checkpointing_keeps_previous_and_leaves_no_temp(
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_fails_before_training(prepared, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

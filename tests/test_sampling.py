@@ -304,6 +304,7 @@ def test_bigram_sample_with_prompt_and_out_file(trained, tmp_path):
     assert split_samples(r.stdout)[1] == saved
 
 
+@pytest.mark.slow
 def test_run_falls_back_to_last_pt(trained, tmp_path):
     """--run NAME with only last.pt in checkpoints/NAME/ loads last.pt and saves to samples/NAME/."""
     folder = tmp_path / "checkpoints" / "mine"
@@ -318,6 +319,7 @@ def test_run_falls_back_to_last_pt(trained, tmp_path):
     assert str(folder / "last.pt") in header and len(saved) == 1
 
 
+@pytest.mark.slow
 def test_checkpoint_flag_loads_that_file(trained, tmp_path):
     """--checkpoint PATH samples from that file even when --out-dir holds no checkpoints."""
     ckpt = trained / "checkpoints" / "gpt" / "last.pt"
@@ -329,6 +331,7 @@ def test_checkpoint_flag_loads_that_file(trained, tmp_path):
     assert str(ckpt) in header and len(saved) == 1
 
 
+@pytest.mark.slow
 def test_cli_greedy_matches_generate_from_newline_across_seeds(trained, tmp_path):
     """bigram/sample.py --temperature 0 gives the same text for two seeds, in every sample, and
     that text is the greedy continuation of "\\n" with the start token left out."""
@@ -348,6 +351,7 @@ def test_cli_greedy_matches_generate_from_newline_across_seeds(trained, tmp_path
     assert texts[0][0] == tok.decode(ids[0, 1:].tolist()).rstrip("\n")
 
 
+@pytest.mark.slow
 def test_gpt_cli_empty_prompt_starts_from_endoftext(trained, tmp_path):
     """gpt/sample.py with no prompt continues <|endoftext|>, and leaves that token out of the text."""
     out = tmp_path / "g.txt"
@@ -362,6 +366,7 @@ def test_gpt_cli_empty_prompt_starts_from_endoftext(trained, tmp_path):
     assert text == tok.decode(ids[0, 1:].tolist()).rstrip("\n")
 
 
+@pytest.mark.slow
 def test_cli_no_kv_cache_gives_the_same_samples(trained, tmp_path):
     """bigram/sample.py --no-kv-cache prints the same samples as the cached default (same seed,
     within the block size) and records kv_cache=False in the header."""
@@ -376,6 +381,7 @@ def test_cli_no_kv_cache_gives_the_same_samples(trained, tmp_path):
     assert re.search(r"kv.?cache\W+False", results[1][0], re.I)
 
 
+@pytest.mark.slow
 def test_prompt_file_is_continued(trained, tmp_path):
     """--prompt-file reads the prompt from a UTF-8 file; every sample continues it."""
     prompt = tmp_path / "p.txt"
@@ -388,6 +394,7 @@ def test_prompt_file_is_continued(trained, tmp_path):
     assert len(saved) == 2 and all(s.startswith("JULIET:\nGood") for s in saved)
 
 
+@pytest.mark.slow
 def test_stream_prints_the_text(trained, tmp_path):
     """--stream prints the first sample's text (after its prompt) as it is made, then the rest;
     the file still holds every sample."""
@@ -414,6 +421,7 @@ def test_same_second_runs_keep_both_sample_files(trained, tmp_path, monkeypatch,
 
 
 # ---- sample.py: prompts it must refuse or shorten ---------------------------------------------
+@pytest.mark.slow
 def test_char_prompt_outside_vocabulary_is_refused(trained, tmp_path):
     """A char prompt with characters the model never saw exits 1 with one sentence naming them."""
     out = tmp_path / "s.txt"
@@ -425,6 +433,7 @@ def test_char_prompt_outside_vocabulary_is_refused(trained, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_long_char_prompt_keeps_its_last_block(trained, tmp_path):
     """A char prompt longer than the block size (16) is cut to its last 16 characters, with a
     note on stderr, and sampling still succeeds."""
@@ -438,6 +447,7 @@ def test_long_char_prompt_keeps_its_last_block(trained, tmp_path):
     assert all(s.startswith(prompt[-16:]) for s in saved)
 
 
+@pytest.mark.slow
 def test_long_gpt_prompt_keeps_its_last_block(trained, tmp_path):
     """A gpt prompt longer than the block size (32 tokens) keeps its last 32 tokens and says so."""
     prompt = " ".join(f"thou art the sun number {i}." for i in range(12))
@@ -455,12 +465,13 @@ def test_long_gpt_prompt_keeps_its_last_block(trained, tmp_path):
 # ---- sample.py: bad flags and bad checkpoints -------------------------------------------------
 @pytest.mark.parametrize("flags, named", [
     (["--num-samples", "0"], "--num-samples"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens"),
-    (["--temperature", "-1"], "--temperature"),
-    (["--top-k", "0"], "--top-k"),
-    (["--top-p", "0"], "--top-p"),
+    pytest.param(["--max-new-tokens", "-1"], "--max-new-tokens", marks=pytest.mark.slow),
+    pytest.param(["--temperature", "-1"], "--temperature", marks=pytest.mark.slow),
+    pytest.param(["--top-k", "0"], "--top-k", marks=pytest.mark.slow),
+    pytest.param(["--top-p", "0"], "--top-p", marks=pytest.mark.slow),
     (["--top-p", "1.5"], "--top-p"),
-    (["--prompt", "a", "--prompt-file", "p.txt"], "--prompt-file"),
+    pytest.param(["--prompt", "a", "--prompt-file", "p.txt"], "--prompt-file",
+                 marks=pytest.mark.slow),
 ])
 def test_bad_flags_exit_2_with_one_error_line(trained, flags, named):
     """Out-of-range sampling flags exit 2 with a single "error: ..." line naming the flag."""
@@ -481,6 +492,7 @@ def test_missing_checkpoint_names_the_train_command(tmp_path, kind, extra, expec
     assert expected in one_error_line(r.stderr)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_file_exits_1(tmp_path):
     """--checkpoint pointing at no file exits 1 with one error line naming the path."""
     missing = tmp_path / "nope.pt"
@@ -489,6 +501,7 @@ def test_missing_checkpoint_file_exits_1(tmp_path):
     assert str(missing) in one_error_line(r.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, other", [("gpt", "bigram"), ("bigram", "gpt")])
 def test_checkpoint_of_the_other_model_names_the_right_script(trained, tmp_path, script, other):
     """A checkpoint of the other model kind exits 1 and points at the sample.py that fits it."""
@@ -512,6 +525,7 @@ def test_checkpoint_with_nan_weights_is_refused(trained, tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [None, b"\xff\xfe bad bytes"])
 def test_prompt_file_missing_or_not_utf8(content, trained, tmp_path):
     path = tmp_path / "prompt.txt"
@@ -523,6 +537,7 @@ def test_prompt_file_missing_or_not_utf8(content, trained, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_out_that_is_a_folder_is_a_bad_flag(trained, tmp_path):
     result = run_script("bigram/sample.py", "--out-dir", trained, "--out", tmp_path,
                         "--max-new-tokens", 5)

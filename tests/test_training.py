@@ -173,6 +173,7 @@ def test_help_lists_every_flag_with_defaults():
     assert "seed: 0.0006" in out and "seed: 4000" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [
     (["--n-embd", "30", "--n-head", "4"], "not divisible by --n-head"),
     (["--max-iters", "0"], "--max-iters must be at least 1"),
@@ -197,6 +198,7 @@ def test_block_size_longer_than_val_split_is_refused(prepared, tmp_path):
         bigram_main(tiny_flags(prepared / "char", tmp_path, block_size=100_000))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu_is_a_bad_flag(prepared, tmp_path):
     result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path, device="cuda"))
