@@ -127,6 +127,7 @@ def test_prepare_writes_the_bpe_folder_trained_on_the_train_split_only(corpus):
         assert ids == tokenizer.encode(part) and tokenizer.decode(ids) == part
 
 
+@pytest.mark.slow
 def test_val_text_never_shapes_the_merges(tmp_path):
     """A word repeated only in the validation part never becomes a token."""
     text = make_text(400) + "\nquuxwibble " * 200
@@ -139,8 +140,9 @@ def test_val_text_never_shapes_the_merges(tmp_path):
     assert not any(b"qu" in token for token in tokenizer.token_bytes)
 
 
-@pytest.mark.parametrize("vocab, says", [(255, "at least|between 256"), (70000, "uint16"),
-                                         (5000, "fills a BPE of only")])
+@pytest.mark.parametrize("vocab, says", [
+    pytest.param(255, "between 256", marks=pytest.mark.slow), (70000, "uint16"),
+    pytest.param(5000, "fills a BPE of only", marks=pytest.mark.slow)])
 def test_a_vocabulary_bpe_cannot_have_is_refused_and_nothing_is_written(tmp_path, vocab, says):
     (tmp_path / "t.txt").write_text(make_text(200), encoding="utf-8")
     out = tmp_path / "d"
@@ -190,6 +192,7 @@ def test_a_prompt_that_is_not_utf8_is_one_sentence(trained_bpe):
     assert result.returncode == 1 and "no UTF-8 form" in one_error_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_resuming_on_another_tokenizer_is_refused(corpus, trained_bpe, tmp_path):
     folder, text = corpus
     other = tmp_path / "other"
@@ -206,6 +209,7 @@ def test_resuming_on_another_tokenizer_is_refused(corpus, trained_bpe, tmp_path)
         assert says in one_error_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_a_data_folder_without_its_tokenizer_or_with_another_is_refused(corpus, tmp_path):
     folder, _ = corpus
     data = tmp_path / "bpe"
@@ -221,6 +225,7 @@ def test_a_data_folder_without_its_tokenizer_or_with_another_is_refused(corpus, 
     assert not (tmp_path / "a" / "checkpoints" / "gpt" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_init_from_gpt2_weights_on_bpe_tokens_is_refused(corpus, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32)
@@ -235,6 +240,7 @@ def test_init_from_gpt2_weights_on_bpe_tokens_is_refused(corpus, tmp_path):
 # ---------------------------------------------------------------- Hugging Face export
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_and_continues_greedily_like_sample(trained_bpe, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
