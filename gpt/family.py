@@ -1,6 +1,6 @@
 """The GPT family: its tokens, its seed recipe and its presets.
 
-The GPT reads a byte-level BPE trained on the user's own text (data/bpe2048/, written by
+The GPT reads a byte-level BPE trained on the user's own text (data/bpe1024/, written by
 prepare_data.py) unless --data-dir names another folder: data/gpt2/ holds GPT-2's tokens, which
 the seed recipe was written for and --init-from's GPT-2 weights need. The architecture's seed
 values are GPTConfig's defaults (gpt/model.py); the training values are RECIPE below. Every flag

@@ -13,7 +13,7 @@ from lmkit.tokenizers import BYTE_TOKENS, GPT2_VOCAB_SIZE, MAX_TOKEN_ID, BPEToke
 BPE_FILE = "tokenizer.json"  # a BPE data folder's tokenizer, beside its bins
 # The BPE size a plain `python prepare_data.py` trains, and so the GPT's default data: the best
 # val bits per character at a fixed training time on a 2-core CPU (docs/tokenizer.md).
-DEFAULT_BPE_VOCAB = 2048
+DEFAULT_BPE_VOCAB = 1024
 
 
 def data_folder_name(tokenizer: str, vocab_size: int) -> str:

@@ -35,7 +35,7 @@
 # %% tags=["parameters"]
 MAX_ITERS_CHAR = 500  # optimizer steps of the char model (about a minute on a 2-core CPU)
 MAX_ITERS_GPT = 200   # optimizer steps of the GPT (under a minute)
-BPE_VOCAB = 2048      # tokens in the byte-level BPE trained on the text
+BPE_VOCAB = 1024      # tokens in the byte-level BPE trained on the text
 DEVICE = "cpu"        # "auto" picks a GPU when there is one
 TINY = False          # tiny models on the notebook's own short text
 OUT_DIR = "runs"      # relative to this notebook's folder
