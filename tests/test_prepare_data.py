@@ -231,7 +231,7 @@ def test_user_text_splits_and_meta(tmp_path):
         assert tok.decode(val_ids.tolist()) == val_text
     assert read_meta(out, "char")["chars"] == sorted(set(text))
     assert "chars" not in read_meta(out, "gpt2")
-    bpe = read_meta(out, "bpe373")  # the text fills 373 tokens, fewer than the default 2048
+    bpe = read_meta(out, "bpe373")  # the text fills 373 tokens, fewer than the default 1024
     assert (bpe["tokenizer"], bpe["vocab_size"], bpe["n_val_chars"]) == ("bpe", 373, len(val_text))
     assert all_files(out) == sorted([f"bpe373/{f}" for f in (*SPLIT_FILES, "tokenizer.json")]
                                     + [f"{t}/{f}" for t in ("char", "gpt2") for f in SPLIT_FILES])
