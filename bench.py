@@ -31,6 +31,7 @@ from lmkit.config import parse_flags
 from lmkit.errors import UserError, run_main
 from lmkit.files import atomic_write_text
 from lmkit.generation import generate
+from lmkit.process import allow_tf32, keep_freed_memory, protect_console
 from lmkit.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent
@@ -65,18 +66,19 @@ def flops_per_token(model, config) -> float:
 
 
 def bench_training(trainer: Trainer, steps: int, warmup: int) -> dict:
-    """Time train_step; bench's flags keep evaluations and progress lines out of the way. The
-    first step is timed apart: with --compile it holds the compilation."""
+    """Time train_step alone (no evaluation, checkpoint or progress line), at the peak learning
+    rate. The first step is timed apart: with --compile it holds the compilation."""
+    lr = trainer.cfg.learning_rate
     t0 = time.perf_counter()
-    trainer.train_step()
+    trainer.train_step(lr)
     dev.synchronize(trainer.device)
     first_step_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
-        trainer.train_step()
+        trainer.train_step(lr)
     dev.synchronize(trainer.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
+        trainer.train_step(lr)
     dev.synchronize(trainer.device)
     seconds = (time.perf_counter() - t0) / steps
     return {"first_step_s": first_step_s, "ms_per_step": 1000 * seconds,
@@ -263,6 +265,7 @@ def bench_vs_nanogpt(checkout: Path, corpus: Path, model: str, preset: str, extr
 
 
 def main(argv=None) -> int:
+    protect_console()  # a closed pipe must not stop the measuring; the JSON file holds the result
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
@@ -313,14 +316,13 @@ def main(argv=None) -> int:
         return 0
 
     family = model_family(args.model)
+    allow_tf32()  # as train.py sets it: the speed measured is the speed training gets
     with tempfile.TemporaryDirectory() as out:
         flags = parse_flags(family, "", ["--preset", args.preset, "--out-dir", out, *extra])
-        timed = args.warmup + args.steps
-        never = timed + 1  # no evaluation, checkpoint or progress line among the timed steps
-        flags.update(eval_interval=never, log_interval=never,
-                     max_iters=max(flags.get("max_iters", family.recipe["max_iters"]), never))
         trainer = Trainer(family, flags)
         device = trainer.device
+        if device.type == "cpu":
+            keep_freed_memory()  # as train.py sets it on a CPU
         result = {"model": args.model, "preset": args.preset, "extra_flags": extra,
                   "device": str(device), "device_name": dev.device_name(device),
                   "threads": torch.get_num_threads(),

@@ -25,6 +25,7 @@ if not __package__:  # run as a script: make the repository root importable
 from lmkit.errors import UserError, run_main  # noqa: E402
 from lmkit.files import REPO_ROOT, RunPaths, check_run_name  # noqa: E402
 from lmkit.plotting import X_AXES, Y_AXES, plot_comparison  # noqa: E402
+from lmkit.process import protect_console  # noqa: E402
 
 
 def read_run(run: str, out_dir: Path) -> tuple:
@@ -83,6 +84,7 @@ def read_nanogpt_log(path: Path) -> tuple:
 
 
 def main(argv=None) -> int:
+    protect_console()  # a closed pipe must not stop the plotting; the file holds the result
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run names or metrics.csv paths")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from lmkit.data import BPE_FILE, DEFAULT_BPE_VOCAB, data_folder_name
 from lmkit.errors import UserError, run_main
 from lmkit.files import atomic_write_bytes, atomic_write_text, ensure_writable_dirs, read_user_file
+from lmkit.process import protect_console
 from lmkit.tokenizers import BYTE_TOKENS, MAX_TOKEN_ID, BPETokenizer, CharTokenizer, GPT2Tokenizer
 
 TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
@@ -209,6 +210,7 @@ def prepare(args) -> dict:
 
 
 def main(argv=None) -> int:
+    protect_console()  # a closed pipe must not stop the preparation; the files hold the result
     args = parse_args(argv)
     t0 = time.time()
     metas = prepare(args)

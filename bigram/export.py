@@ -13,12 +13,12 @@ from pathlib import Path
 if not __package__:  # run as a script: make the repository root importable
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from bigram.family import FAMILY  # noqa: E402
-from lmkit import hf  # noqa: E402
+from lmkit import export_cli  # noqa: E402
 from lmkit.errors import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return hf.export_main(FAMILY, __doc__, argv)
+    return export_cli.main(FAMILY, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ self-attention and a 4x ReLU feed-forward, a final LayerNorm, and a linear head.
 
 BigramConfig's last two fields are options from the modded-nanogpt speedrun, each off by
 default (the lectures' model): rotary position embeddings and QK-norm.
+
+The file reads alone, top to bottom. lmkit appears only in decoder_weights, the model's last
+method, which lists its weights for the shared fast sampler and the Hugging Face export; the
+ReLU written for --compile's speed closes the file.
 """
 from dataclasses import dataclass
 
@@ -81,40 +85,12 @@ class MultiHeadAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
-class ReLU(nn.Module):
-    """max(x, 0), as nn.ReLU, with a backward that torch.compile turns into fast code (below)."""
-
-    def forward(self, x):
-        return ReLUFromOutput.apply(x)
-
-
-class ReLUFromOutput(torch.autograd.Function):
-    """ReLU whose gradient is read from its output. Under torch.compile, nn.ReLU's backward test
-    (output <= 0) is moved into the forward and saved as a boolean tensor, being smaller than a
-    float, and Inductor's boolean stores are slow on AVX2 CPUs (2.6 ms instead of 0.03 ms for a
-    768x512 activation). Multiplying by sign(output), a float computed from an output that is
-    kept anyway, leaves nothing extra to save."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = F.relu(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            return grad * out.sign()
-        return torch.ops.aten.threshold_backward(grad, out, 0)  # nn.ReLU's own, one pass
-
-
 class FeedForward(nn.Module):
     def __init__(self, config: BigramConfig):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(config.n_embd, 4 * config.n_embd),
-            ReLU(),
+            ReLU(),  # nn.ReLU's values; its backward is written for --compile (end of the file)
             nn.Linear(4 * config.n_embd, config.n_embd),
             nn.Dropout(config.dropout),
         )
@@ -160,7 +136,9 @@ class BigramLanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        """Logits for every position (or only the last when no targets), and the mean loss."""
+        """Both models' one contract. Without targets (generation): the last position's logits
+        (B, 1, vocab_size) and None. With targets (training and evaluation, train or eval
+        mode alike): None and the mean cross-entropy loss."""
         B, T = idx.shape
         x = self.token_embedding_table(idx)
         if not self.config.rotary:
@@ -171,8 +149,7 @@ class BigramLanguageModel(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
-        return logits, loss
+        return None, F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
 
     def decoder_weights(self) -> DecoderWeights:
         """The weights in the layout lmkit.decoder runs for fast cached sampling."""
@@ -192,3 +169,33 @@ class BigramLanguageModel(nn.Module):
                               head=linear_weights(self.lm_head), n_head=c.n_head,
                               activation=F.relu, block_size=c.block_size, qk_norm=c.qk_norm,
                               rotary=(rotary.cos, rotary.sin) if c.rotary else None)
+
+
+# ---- speed: the ReLU's backward under --compile (docs/speedrun.md) -----------------------
+
+class ReLU(nn.Module):
+    """max(x, 0), as nn.ReLU, with a backward that torch.compile turns into fast code (below)."""
+
+    def forward(self, x):
+        return ReLUFromOutput.apply(x)
+
+
+class ReLUFromOutput(torch.autograd.Function):
+    """ReLU whose gradient is read from its output. Under torch.compile, nn.ReLU's backward test
+    (output <= 0) is moved into the forward and saved as a boolean tensor, being smaller than a
+    float, and Inductor's boolean stores are slow on AVX2 CPUs (2.6 ms instead of 0.03 ms for a
+    768x512 activation). Multiplying by sign(output), a float computed from an output that is
+    kept anyway, leaves nothing extra to save."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = F.relu(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            return grad * out.sign()
+        return torch.ops.aten.threshold_backward(grad, out, 0)  # nn.ReLU's own, one pass

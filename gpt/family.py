@@ -7,9 +7,9 @@ values are GPTConfig's defaults (gpt/model.py); the training values are RECIPE b
 of gpt/train.py starts from these.
 """
 from gpt.model import GPT, GPTConfig
+from gpt.pretrained import load_gpt2
 from lmkit.data import DEFAULT_BPE_VOCAB, data_folder_name
 from lmkit.family import ModelFamily
-from lmkit.hf import load_gpt2
 
 # 4096 tokens per step: micro-batch 8 x block 64 x 8 accumulation steps.
 RECIPE = dict(max_iters=4000, eval_interval=250, eval_iters=50, batch_size=8,

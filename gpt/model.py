@@ -7,6 +7,10 @@ std 0.02 with residual projections scaled by (2 * n_layer) ** -0.5, vocabulary p
 
 GPTConfig's last two fields are options from the modded-nanogpt speedrun, each off by default
 (the GPT-2 model above): rotary position embeddings and QK-norm.
+
+The file reads alone, top to bottom. lmkit appears only in decoder_weights, the model's last
+method, which lists its weights for the shared fast sampler and the Hugging Face export; the
+chunked loss of the output head, written for speed, closes the file.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -108,6 +112,73 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if not config.rotary:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """Both models' one contract. Without targets (generation): the last position's logits
+        (B, 1, vocab_size) and None. With targets (training and evaluation, train or eval
+        mode alike): None and the mean cross-entropy loss."""
+        B, T = idx.shape
+        x = self.wte(idx)
+        if not self.config.rotary:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x)
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        # Training never needs the (B, T, vocab) logits themselves, only the loss: head_loss
+        # (at the end of the file) computes it in chunks of rows.
+        return None, head_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+
+    def decoder_weights(self) -> DecoderWeights:
+        """The weights in the layout lmkit.decoder runs for fast cached sampling."""
+        c = self.config
+        layers = [LayerWeights(ln_1=norm_weights(b.ln_1),
+                               attn_qkv=linear_weights(b.attn.c_attn),
+                               attn_proj=linear_weights(b.attn.c_proj),
+                               ln_2=norm_weights(b.ln_2),
+                               mlp_fc=linear_weights(b.mlp.c_fc),
+                               mlp_proj=linear_weights(b.mlp.c_proj))
+                  for b in self.h]
+        rotary = self.h[0].attn.rotary  # every block holds the same tables
+        return DecoderWeights(token_embedding=self.wte.weight,
+                              position_embedding=None if c.rotary else self.wpe.weight,
+                              layers=layers, ln_f=norm_weights(self.ln_f),
+                              head=linear_weights(self.lm_head), n_head=c.n_head,
+                              activation=partial(F.gelu, approximate="tanh"),
+                              block_size=c.block_size, qk_norm=c.qk_norm,
+                              rotary=(rotary.cos, rotary.sin) if c.rotary else None)
+
+
+# ---- speed: the output head's loss without all its logits (docs/performance.md) -------------
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of the output head, x @ weight.T, without all logits at once.
 
@@ -160,65 +231,3 @@ def head_loss(x, weight, targets, chunk_rows=128):
         logits = (x[start:start + chunk_rows] @ weight.t()).float()
         loss += F.cross_entropy(logits, targets[start:start + chunk_rows], reduction="sum")
     return loss / x.size(0)
-
-
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if not config.rotary:
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02
-            if getattr(module, "residual_projection", False):
-                std *= (2 * self.config.n_layer) ** -0.5
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def forward(self, idx, targets=None):
-        """(logits of the last position, None) without targets; (None, mean loss) with them."""
-        B, T = idx.shape
-        x = self.wte(idx)
-        if not self.config.rotary:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
-        x = self.drop(x)
-        for block in self.h:
-            x = block(x)
-        x = self.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        # Training never needs the (B, T, vocab) logits themselves, only the loss.
-        return None, head_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
-
-    def decoder_weights(self) -> DecoderWeights:
-        """The weights in the layout lmkit.decoder runs for fast cached sampling."""
-        c = self.config
-        layers = [LayerWeights(ln_1=norm_weights(b.ln_1),
-                               attn_qkv=linear_weights(b.attn.c_attn),
-                               attn_proj=linear_weights(b.attn.c_proj),
-                               ln_2=norm_weights(b.ln_2),
-                               mlp_fc=linear_weights(b.mlp.c_fc),
-                               mlp_proj=linear_weights(b.mlp.c_proj))
-                  for b in self.h]
-        rotary = self.h[0].attn.rotary  # every block holds the same tables
-        return DecoderWeights(token_embedding=self.wte.weight,
-                              position_embedding=None if c.rotary else self.wpe.weight,
-                              layers=layers, ln_f=norm_weights(self.ln_f),
-                              head=linear_weights(self.lm_head), n_head=c.n_head,
-                              activation=partial(F.gelu, approximate="tanh"),
-                              block_size=c.block_size, qk_norm=c.qk_norm,
-                              rotary=(rotary.cos, rotary.sin) if c.rotary else None)

@@ -26,8 +26,6 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             raise UserError(f"{local_procs} processes per machine but {torch.cuda.device_count()} "
                             "GPUs; start at most one process per GPU", exit_code=2)
         torch.cuda.set_device(local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", local_rank)
     if name == "mps" and not _mps_available():
         raise UserError("--device mps was asked for but this machine has no usable Apple GPU; "
@@ -129,29 +127,6 @@ def check_can_compile() -> None:
                         "machine has none; install one or train without --compile", exit_code=2)
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for the next allocation instead of returning it to the OS.
-
-    A training step frees its activations and allocates the same sizes again in the next step.
-    By default glibc hands blocks over 128 KiB back to the kernel (and trims its heap), so every
-    step page-faults its activations in afresh, zeroed page by page: 700-1,100 faults a step on
-    nanoGPT's CPU char recipe, which cost 6-15% of its step time on a 2-core AVX2 machine. The
-    process keeps its peak memory instead, which a training run reaches every step anyway.
-    Returns whether the setting took: False where the C library is not glibc (macOS, Windows,
-    musl).
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
-    # older glibc caps the mmap threshold at 32 MiB and refuses more
-    mmap_ok = mallopt(mmap_threshold, 1 << 30) or mallopt(mmap_threshold, 32 << 20)
-    return bool(mmap_ok) and bool(mallopt(trim_threshold, 1 << 30))
-
-
 def has_fused_adamw(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
@@ -215,6 +190,14 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
+def seeded_rng_state(seed: int, device: torch.device) -> dict:
+    """What rng_state(device) returns after torch.manual_seed(seed), without seeding the process."""
+    state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+    if device.type in ("cuda", "mps"):
+        state[device.type] = torch.Generator(device).manual_seed(seed).get_state()
+    return state
+
+
 def set_rng_state(state: dict, device: torch.device) -> None:
     """Restore what rng_state saved; a checkpoint from another device restores the CPU's."""
     torch.set_rng_state(state["cpu"])
@@ -222,6 +205,50 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
     elif device.type == "mps" and "mps" in state:
         torch.mps.set_rng_state(state["mps"])
+
+
+class RandomStream:
+    """A random stream of its own for code that draws from torch's global generators, as dropout
+    does: `with stream:` swaps the stream's state in, and the process's back when the block ends.
+    The process's random state stays as it was, and state_dict() holds the stream to resume."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self.state = seeded_rng_state(seed, device)
+
+    def __enter__(self):
+        self.outside = rng_state(self.device)
+        set_rng_state(self.state, self.device)
+
+    def __exit__(self, *exc):
+        self.state = rng_state(self.device)
+        set_rng_state(self.outside, self.device)
+
+    def state_dict(self) -> dict:
+        return {k: v.cpu() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict saved; a stream saved on another device restores the CPU's."""
+        self.state.update({k: v for k, v in state.items() if k in self.state})
+
+
+def check_fits_in_memory(model_cls, config, batch_size: int) -> None:
+    """Refuse a CPU run that cannot fit before it allocates: past the machine's memory the
+    kernel's OOM killer ends the process with no message and nothing saved. The estimate is
+    a lower bound: weights, gradients and AdamW's two moments (16 bytes a parameter), and
+    about 17 saved activations of width n_embd per token and layer for the backward pass."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    with torch.device("meta"):  # counts parameters without allocating them
+        n_params = sum(p.numel() for p in model_cls(config).parameters())
+    tokens = batch_size * config.block_size
+    needed = 16 * n_params + 4 * tokens * (17 * config.n_layer + 2) * config.n_embd
+    if needed > available:
+        raise UserError(f"this run needs at least {needed / 2 ** 30:,.1f} GiB of memory and the "
+                        f"machine has {available / 2 ** 30:,.1f} GiB available; use a smaller "
+                        "--batch-size with a larger --grad-accum-steps (the same tokens per "
+                        "step), or a smaller model")
 
 
 def available_memory_bytes():
@@ -237,14 +264,6 @@ def available_memory_bytes():
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, and the plain RuntimeError that Apple
-    GPUs raise ("MPS backend out of memory")."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 @dataclass

@@ -1,10 +1,4 @@
-"""User-facing failures: one clear sentence on stderr and a non-zero exit, never a traceback.
-
-run_main also makes the console safe to lose: text a console cannot encode is shown with
-replacement characters, and a reader that goes away (`| head`, a dead `tee`) silences the
-output instead of killing the run. Files, not the console, hold every result.
-"""
-import errno
+"""User-facing failures: one clear sentence on stderr and a non-zero exit, never a traceback."""
 import os
 import sys
 
@@ -17,53 +11,8 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
-class ForgivingStream:
-    """A console stream whose reader may go away: writes after that go to /dev/null."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def _silence(self) -> None:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError):
-            self.stream = open(os.devnull, "w")
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except OSError as e:
-            if e.errno not in (errno.EPIPE, errno.EINVAL, errno.EIO):
-                raise
-            self._silence()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError as e:
-            if e.errno not in (errno.EPIPE, errno.EINVAL, errno.EIO):
-                raise
-            self._silence()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def protect_console() -> None:
-    """Replace what the console cannot encode, and survive a reader that goes away."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if isinstance(stream, ForgivingStream) or stream is None:
-            continue
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
-        setattr(sys, name, ForgivingStream(stream))
-
-
 def run_main(main) -> None:
     """Run a script's main(), turning UserError and Ctrl-C into a message and an exit code."""
-    protect_console()
     try:
         code = main()
     except UserError as e:
@@ -74,7 +23,7 @@ def run_main(main) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        if not _out_of_memory(e):
+        if not is_out_of_memory(e):
             raise
         print("error: out of memory; use a smaller --batch-size with a larger --grad-accum-steps "
               "(the same tokens per step), a smaller model, or fewer --num-samples when sampling; "
@@ -83,10 +32,14 @@ def run_main(main) -> None:
     sys.exit(code or 0)
 
 
-def _out_of_memory(e: Exception) -> bool:
+def is_out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), and the plain RuntimeError that
+    Apple GPUs raise ("MPS backend out of memory")."""
     if isinstance(e, MemoryError):
         return True
-    if "torch" not in sys.modules:  # only a script that loaded torch can hit its other OOMs
+    torch = sys.modules.get("torch")  # only a script that loaded torch can hit its errors
+    if torch is None:
         return False
-    from lmkit.device import is_out_of_memory
-    return is_out_of_memory(e)
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()

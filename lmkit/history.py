@@ -19,7 +19,7 @@ class TrainingHistory:
         self.tokens_per_step = tokens_per_step
         self.step = 0
         self.tokens_seen = 0
-        self.metrics = []     # one row per evaluation (lmkit.trainer.METRIC_FIELDS)
+        self.metrics = []     # one row per evaluation (lmkit.reporting.METRIC_FIELDS)
         self.loss_curve = []  # [step, mean training loss since the previous log step]
         self.best_val = math.inf
         self.saved_step = 0   # the step last.pt holds

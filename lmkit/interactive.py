@@ -19,7 +19,7 @@ import torch
 from lmkit import device as dev
 from lmkit.errors import UserError
 from lmkit.generation import generate
-from lmkit.sample_cli import SAMPLING_RANGES, Streamer, prompt_ids, write_like_the_shell
+from lmkit.sample_io import SAMPLING_RANGES, Streamer, prompt_ids, write_like_the_shell
 
 # command -> (the sampling setting it changes, how to read its value, whether "none" turns it off)
 SETTING_COMMANDS = {

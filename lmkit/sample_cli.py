@@ -1,9 +1,9 @@
 """The sample.py command both models share: load a checkpoint, generate N samples in one batch
 (or, with --interactive, continue prompt after prompt: lmkit/interactive.py).
 
-The generation maths (filtering, drawing, the KV-cache loop) is lmkit/generation.py."""
+What the two modes share (prompts, streaming, --out) is lmkit/sample_io.py; the generation maths
+(filtering, drawing, the KV-cache loop) is lmkit/generation.py."""
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -11,22 +11,14 @@ from pathlib import Path
 import torch
 
 from lmkit import device as dev
-from lmkit.checkpoint import load_checkpoint
+from lmkit.checkpoint import find_checkpoint, load_checkpoint_of
 from lmkit.errors import UserError
-from lmkit.files import (REPO_ROOT, RunPaths, atomic_write_text, check_run_name, ensure_writable_dirs,
-                         read_user_file)
+from lmkit.files import REPO_ROOT, RunPaths, ensure_writable_dirs, read_user_file
 from lmkit.generation import generate
-from lmkit.tokenizers import start_ids, tokenizer_from_meta
-
-# The sampling settings a user can set by flag (and change by /command in --interactive):
-# name -> (is the value in range, what the range is).
-SAMPLING_RANGES = {
-    "max_new_tokens": (lambda v: v >= 0, "0 or more"),
-    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
-    "top_k": (lambda v: v is None or v >= 1, "at least 1"),
-    "top_p": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
-    "seed": (lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1"),
-}
+from lmkit.interactive import Session
+from lmkit.process import allow_tf32, protect_console
+from lmkit.sample_io import SAMPLING_RANGES, Streamer, prompt_ids, write_like_the_shell
+from lmkit.tokenizers import tokenizer_from_meta
 
 
 def build_parser(kind: str, default_top_k, description: str) -> argparse.ArgumentParser:
@@ -82,38 +74,6 @@ def check_args(args) -> None:
              f"regular file, not {args.out}")
 
 
-def find_checkpoint(args, kind: str) -> Path:
-    """--checkpoint, or checkpoints/<run>/best.pt (else last.pt): for sample.py and export.py."""
-    check_run_name(args.run)
-    if args.checkpoint is not None:
-        if not args.checkpoint.is_file():
-            raise UserError(f"checkpoint {args.checkpoint} does not exist")
-        return args.checkpoint
-    paths = RunPaths.for_run(args.out_dir, args.run)
-    for path in (paths.best, paths.last):
-        if path.is_file():
-            return path
-    run_flag = f" --run {args.run}" if args.run != kind else ""
-    if args.out_dir.resolve() != REPO_ROOT:
-        run_flag += f" --out-dir {args.out_dir}"
-    raise UserError(f"no checkpoint in {paths.checkpoints}; train one first with "
-                    f"`python {kind}/train.py{run_flag}`")
-
-
-def load_checkpoint_of(family, args, command: str) -> tuple:
-    """(path, state) of the checkpoint args name, refused unless it is this family's and its
-    weights are finite; command ("sample" or "export") names the script in the messages."""
-    path = find_checkpoint(args, family.kind)
-    state = load_checkpoint(path)
-    if state["kind"] != family.kind:
-        raise UserError(f"{path} is a {state['kind']} checkpoint; {command} it with "
-                        f"`python {state['kind']}/{command}.py`")
-    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
-        raise UserError(f"{path} holds NaN or infinite weights; {command} another checkpoint or "
-                        "train again")
-    return path, state
-
-
 def read_prompt(args) -> str:
     if args.prompt_file is None:
         return args.prompt or ""
@@ -128,19 +88,6 @@ def load_model(state: dict, family, device):
     model = family.model_cls(config)
     model.load_state_dict(state["model"])
     return model.to(device).eval()
-
-
-def prompt_ids(text: str, tokenizer, block_size: int) -> list:
-    if not text:
-        return start_ids(tokenizer)
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise UserError("the prompt encodes to no tokens; give some text")
-    if len(ids) > block_size:
-        print(f"note: the prompt is {len(ids)} tokens; keeping its last {block_size} "
-              "(the model's block size)", file=sys.stderr)
-        ids = ids[-block_size:]
-    return ids
 
 
 def checkpoint_line(path: Path, state: dict) -> str:
@@ -167,52 +114,18 @@ def unused_path(path: Path) -> Path:
     return candidate
 
 
-class Streamer:
-    """Prints the first row's text as tokens arrive. Each token is decoded once, held back only
-    while it ends in half a UTF-8 character (at most 4 tokens, then shown replaced)."""
-
-    def __init__(self, tokenizer, prompt_text: str):
-        self.tokenizer = tokenizer
-        self.pending = []
-        print(prompt_text, end="", flush=True)
-
-    def __call__(self, token: torch.Tensor) -> None:
-        self.pending.append(int(token[0, 0]))
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < 4:
-            return
-        print(text, end="", flush=True)
-        self.pending = []
-
-    def finish(self) -> None:
-        print(self.tokenizer.decode(self.pending) if self.pending else "", flush=True)
-
-
-def write_like_the_shell(path: Path, text: str) -> None:
-    """Write text to --out as `>` would: into a FIFO or a device as it is, through a symlink to
-    its target; a regular file (or a new one) is replaced atomically."""
-    if path.is_symlink():
-        path = path.resolve()
-    if path.exists() and not path.is_file():
-        try:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as e:
-            raise UserError(f"cannot write {path} ({e.strerror}); choose another --out") from None
-        return
-    atomic_write_text(path, text)
-
-
 def main(family, description: str, argv=None) -> int:
+    protect_console()  # a closed pipe or a console that cannot encode the text must not stop it
+    allow_tf32()  # float32 products on NVIDIA GPUs in TF32: faster, and plenty for sampling
     args = build_parser(family.kind, family.default_top_k, description).parse_args(argv)
     check_args(args)
-    path, state = load_checkpoint_of(family, args, "sample")
+    path = find_checkpoint(args.checkpoint, args.run, args.out_dir, family.kind)
+    state = load_checkpoint_of(family, path, "sample")
     device = dev.pick_device(args.device)
     model = load_model(state, family, device)
     meta = state["meta"]
     tokenizer = tokenizer_from_meta(meta)
     if args.interactive:
-        from lmkit.interactive import Session  # a lazy import: that module builds on this one
         return Session(model, tokenizer, meta, args, device, samples_path(args, "interactive"),
                        checkpoint_line(path, state)).run()
     prompt_text = read_prompt(args)

@@ -1,29 +1,25 @@
-"""The training loop both models share.
+"""The training loop both models share (the command around it is lmkit/train_cli.py).
 
-Read `Trainer.train_step` for one optimizer step, from the batch to the update and on to
-what follows it (a progress line, an evaluation with checkpoints, a stop), and `Trainer.fit`
-for the loop around it. `Trainer.__init__` sets a run up in five short phases: read the
-configuration (and the checkpoint to resume), claim the run's folder, load the data, build the
-model and optimizer, restore.
+Read `Trainer.fit` for the loop, one screen: each step is `Trainer.train_step` (the step's
+batches forward and backward, clipping, the optimizer's update), and around it the loop counts
+the step and, when due, reports progress, evaluates and saves, or stops. `Trainer.__init__` sets
+a run up in five short phases: read the configuration (and the checkpoint to resume), claim the
+run's folder, load the data, build the model and optimizer, restore.
 """
-import csv
-import io
 import math
 import shlex
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from lmkit import device as dev
-from lmkit.checkpoint import load_checkpoint, save_checkpoint
-from lmkit.config import PER_INVOCATION, parse_flags, recipe_values, split_values, validate
+from lmkit.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from lmkit.config import PER_INVOCATION, recipe_values, split_values, validate
 from lmkit.data import (BatchSampler, data_folder_name, eval_windows, load_meta, load_split,
                         same_tokenizer, tokenizer_name, window_batches)
 from lmkit.errors import UserError
@@ -33,6 +29,7 @@ from lmkit.generation import generate
 from lmkit.history import TrainingHistory
 from lmkit.optim import describe, make_optimizer, set_learning_rate
 from lmkit.plotting import plot_losses
+from lmkit.reporting import ProgressDisplay, StopRequest, write_metrics
 from lmkit.schedule import lr_at
 from lmkit.tokenizers import start_ids, tokenizer_from_meta
 from lmkit.tracking import Tracking, check_installed, forgotten_flags
@@ -40,102 +37,13 @@ from lmkit.tracking import Tracking, check_installed, forgotten_flags
 # What --resume needs beyond what sampling needs (see lmkit.checkpoint.REQUIRED_KEYS).
 RESUME_KEYS = ("train_config", "optimizer", "tokens_seen", "loss_curve", "best_val_loss",
                "elapsed_s", "rank_states")
-METRIC_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpc", "tokens_seen", "elapsed_s",
-                 "tokens_per_s")
 EVAL_SAMPLE_TOKENS = 100  # the sample each evaluation logs (--tensorboard, --wandb) or shows
-SAMPLE_LINE_CHARS = 80    # how much of it --show-samples prints
-
-
-class StopRequest:
-    """Ctrl-C, SIGTERM or SIGHUP (what schedulers send on preemption or shutdown) ask the loop
-    to stop after the current step and save; a second signal aborts without saving."""
-
-    def __init__(self, announce: bool = True):
-        self.requested = False
-        self.signal = signal.SIGINT  # the one that asked; it sets the exit code
-        self.previous = {}
-        self.announce = announce
-
-    def __enter__(self):
-        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):  # Windows has no SIGHUP
-                self.previous[name] = signal.signal(getattr(signal, name), self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.signal = True, signum
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (send it again to "
-                  "abort without saving)", file=sys.stderr)
-
-    def exit_code(self) -> int:
-        """128 + the signal's number, as a shell reports a process that signal ended."""
-        return 128 + int(self.signal)
-
-    def __exit__(self, *exc):
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-
-def one_line(text: str, width: int) -> str:
-    """The start of text as one line of at most `width` characters: line breaks and other
-    control characters shown escaped (\\n), never cut in half."""
-    shown = ""
-    for char in text:
-        piece = char if char.isprintable() else repr(char)[1:-1]
-        if len(shown) + len(piece) > width:
-            break
-        shown += piece
-    return shown
-
-
-class ProgressDisplay:
-    """A progress bar on a terminal, a plain line per log step otherwise; only on rank 0.
-    Both show the latest evaluation's val bits per character once there is one."""
-
-    def __init__(self, enabled: bool, val_bpc=None):
-        self.enabled = enabled
-        self.bar = None
-        self.val_bpc = val_bpc
-        self.postfix = {}
-
-    def start(self, step: int, total: int) -> None:
-        if self.enabled and sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=step, dynamic_ncols=True)
-
-    def show(self, step: int, total: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            bpc = "" if self.val_bpc is None else f"  val bpc {self.val_bpc:.4f}"
-            print(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} "
-                  f"tokens/s{bpc}", flush=True)
-            return
-        self.postfix = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        self._set_postfix()
-        self.bar.update(step - self.bar.n)
-
-    def evaluated(self, val_bpc: float, sample=None) -> None:
-        """Show val_bpc from now on, and a line of the sample when given (--show-samples)."""
-        self.val_bpc = val_bpc
-        if self.bar is not None:
-            self._set_postfix()
-        if sample is not None:
-            self.write(f"  sample: {one_line(sample, SAMPLE_LINE_CHARS)}")
-
-    def _set_postfix(self) -> None:
-        bpc = {} if self.val_bpc is None else {"val_bpc": f"{self.val_bpc:.4f}"}
-        self.bar.set_postfix(**self.postfix, **bpc)
-
-    def write(self, line: str) -> None:
-        if self.enabled:
-            tqdm.write(line, file=sys.stdout)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+# The seeds a run derives from --seed, apart so that no two streams start alike: rank r's sit
+# RANK_SEED_STRIDE * r up; streams started at step s, a prime times s up.
+RANK_SEED_STRIDE = 1000
+DROPOUT_SEED_OFFSET = 1      # rank 0's dropout does not replay the stream the weights came from
+DROPOUT_STEP_STRIDE = 7919   # dropout of a run resumed on another number of processes
+EVAL_STEP_STRIDE = 104729    # the train batches each evaluation draws
 
 
 def derived_seed(seed: int, offset: int) -> int:
@@ -143,23 +51,16 @@ def derived_seed(seed: int, offset: int) -> int:
     return (seed + offset) % 2 ** 63
 
 
-def check_fits_in_memory(model_cls, config, cfg) -> None:
-    """Refuse a CPU run that cannot fit before it allocates: past the machine's memory the
-    kernel's OOM killer ends the process with no message and nothing saved. The estimate is
-    a lower bound: weights, gradients and AdamW's two moments (16 bytes a parameter), and
-    about 17 saved activations of width n_embd per token and layer for the backward pass."""
-    available = dev.available_memory_bytes()
-    if available is None:
-        return
-    with torch.device("meta"):  # counts parameters without allocating them
-        n_params = sum(p.numel() for p in model_cls(config).parameters())
-    tokens = cfg.batch_size * config.block_size
-    needed = 16 * n_params + 4 * tokens * (17 * config.n_layer + 2) * config.n_embd
-    if needed > available:
-        raise UserError(f"this run needs at least {needed / 2 ** 30:,.1f} GiB of memory and the "
-                        f"machine has {available / 2 ** 30:,.1f} GiB available; use a smaller "
-                        "--batch-size with a larger --grad-accum-steps (the same tokens per "
-                        "step), or a smaller model")
+def dropout_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's dropout stream: from the start (step 0), or from `step` when a run
+    resumes on another number of processes."""
+    return derived_seed(seed, RANK_SEED_STRIDE * rank + DROPOUT_STEP_STRIDE * step
+                        + DROPOUT_SEED_OFFSET)
+
+
+def eval_batches_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the random train batches a rank's evaluation at `step` averages."""
+    return derived_seed(seed, RANK_SEED_STRIDE * rank + EVAL_STEP_STRIDE * step)
 
 
 def resumed_values(family, flags: dict, state: dict) -> dict:
@@ -182,9 +83,7 @@ def check_compatible(state: dict, family, model_config, meta: dict, path: Path,
     elif not same_tokenizer(state["meta"], meta):
         diffs.append(f"the data's {tokenizer_name(meta)} tokenizer (the same size, other "
                      "tokens: a tokenizer trained on another text?)")
-    # Options added since the checkpoint was written were off then: their defaults.
-    defaults = {f.name: f.default for f in fields(family.config_cls)}
-    saved = {**defaults, **state["model_config"]}
+    saved = state["model_config"]  # with the options added since (lmkit.checkpoint.upgrade)
     for name, value in vars(model_config).items():
         if name != "dropout" and saved.get(name) != value:
             diffs.append(f"{name} {saved.get(name)} -> {value}")
@@ -203,8 +102,6 @@ class Trainer:
         """flags: the values the user chose (lmkit.config.parse_flags)."""
         self.family = family
         self.procs, self.device = dev.start_processes(flags.get("device", "auto"))
-        if self.device.type == "cpu":
-            dev.keep_freed_memory()
         self.is_main = self.procs.is_main
         self.lock = None  # rank 0 owns the run folder from _claim_run_folder on; close() lets go
         self.tracking = Tracking()  # rank 0's TensorBoard and W&B writers, if asked for
@@ -234,7 +131,7 @@ class Trainer:
         latest = self.history.metrics[-1]["val_bpc"] if self.history.metrics else None
         self.display = ProgressDisplay(enabled=self.is_main, val_bpc=latest)
 
-    # ---- setup, in the order __init__ runs it -------------------------------------------
+    # ---- setup, in the order __init__ runs it -----------------------------------------------
     def _configure(self, flags: dict):
         """The run's name, folders and configuration, and the checkpoint to resume (or None)."""
         self.run = check_run_name(flags.get("run") or self.family.kind)
@@ -246,7 +143,7 @@ class Trainer:
                 raise UserError(f"nothing to resume: {self.paths.last} does not exist; train "
                                 f"without --resume first (python {self.family.kind}/train.py)")
             # Reading is safe even beside a running writer, which replaces whole files.
-            state = load_checkpoint(self.paths.last)
+            state = load_checkpoint(self.paths.last, self.family.config_cls)
             values = resumed_values(self.family, flags, state)
         cfg, self.model_values = split_values(self.family, values)
         validate(cfg, self.model_values)
@@ -335,9 +232,9 @@ class Trainer:
         self.dtype = dev.compute_dtype(self.device, cfg.dtype, large_matmuls=
                                        config.n_embd >= 256 or config.vocab_size >= 8192)
         if self.device.type == "cpu":
-            check_fits_in_memory(self.family.model_cls, config, cfg)
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        self.model = self.family.model_cls(config)
+            dev.check_fits_in_memory(self.family.model_cls, config, cfg.batch_size)
+        with dev.RandomStream(cfg.seed, torch.device("cpu")):  # the same weights on every rank
+            self.model = self.family.model_cls(config)
         if self.pretrained is not None:
             self.model.load_state_dict(self.pretrained)
         self.model.to(self.device)
@@ -346,7 +243,7 @@ class Trainer:
                                            enabled=dev.needs_grad_scaler(self.dtype))
         self.sampler = BatchSampler(self.train_tokens, config.block_size, cfg.batch_size,
                                     seed=cfg.seed)
-        torch.manual_seed(derived_seed(cfg.seed, 1000 * procs.rank + 1))  # dropout differs per rank
+        self.dropout = dev.RandomStream(dropout_seed(cfg.seed, procs.rank), self.device)
 
     def _restore(self, state: dict) -> None:
         check_compatible(state, self.family, self.model_config, self.meta, self.paths.last,
@@ -373,71 +270,104 @@ class Trainer:
         ranks, rank = state["rank_states"], self.procs.rank
         if len(ranks) == self.procs.world_size:
             self.sampler.set_state(ranks[rank]["sampler"])
-            dev.set_rng_state(ranks[rank]["rng"], self.device)
+            self.dropout.load_state_dict(ranks[rank]["rng"])
             return
         # Batch generators are identical on every rank (see BatchSampler), so the data order
         # carries over; dropout streams are per rank, so start fresh ones that depend on the
         # step, keeping the resumed run reproducible.
         self.sampler.set_state(ranks[0]["sampler"])
-        torch.manual_seed(derived_seed(self.cfg.seed, 1000 * rank + 7919 * self.history.step + 1))
+        self.dropout = dev.RandomStream(dropout_seed(self.cfg.seed, rank, self.history.step),
+                                        self.device)
         if self.is_main:
             print(f"resuming a {len(ranks)}-process run with {self.procs.world_size} processes: "
                   "weights, optimizer, step and data order are exact; dropout masks are new")
 
-    # ---- one optimizer step and what follows it -------------------------------------------
-    def train_step(self) -> bool:
-        """Train on one step's batches, update the weights, then log, evaluate and checkpoint
-        when due. Returns True when a stop was requested (the step's work is saved)."""
-        cfg, started = self.cfg, time.time()
-        lr = lr_at(self.history.step, cfg)
+    # ---- the loop, and the step it repeats --------------------------------------------------
+    def fit(self) -> int:
+        """Train to --max-iters, or until a stop is asked for (then save); returns the exit code."""
+        cfg = self.cfg
+        if self.history.step >= cfg.max_iters:
+            if self.is_main:
+                print(f"{self.paths.last} is already at step {self.history.step}; nothing to do "
+                      "(raise --max-iters to train on)")
+            return 0
+        if self.is_main:
+            self._announce()
+        self.display.start(self.history.step, cfg.max_iters)
+        stopping = False
+        with self.stop:  # Ctrl-C, SIGTERM, SIGHUP: stop after this step, saved
+            while self.history.step < cfg.max_iters and not stopping:
+                started, step = time.time(), self.history.step + 1  # step: the one taken now
+                lr = lr_at(self.history.step, cfg)
+                loss, grad_norm = self.train_step(lr)
+                at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+                at_log = step % cfg.log_interval == 0 or at_eval
+                if at_log:  # on a GPU, time the work done rather than the work queued
+                    dev.synchronize(self.device)
+                self.history.record_step(loss, grad_norm, time.time() - started)
+                stopping = self._stop_requested(at_log)
+                if at_log or stopping:
+                    self.report_progress(step, lr)
+                if at_eval:
+                    self.evaluate_and_save(step, lr)
+                elif stopping:
+                    self.save(evaluated=False, is_best=False)
+        self.display.close()
+        if stopping and self.history.step < cfg.max_iters:
+            if self.is_main:
+                self._report_stop()
+            return self.stop.exit_code()
+        if self.is_main:
+            self._report()
+        return 0
+
+    def train_step(self, lr: float) -> tuple:
+        """One optimizer step at learning rate lr: the step's micro-batches forward and backward
+        (their gradients add up), then clipping and the optimizer's update. Returns the mean loss
+        and the gradient norm as tensors left on the device, so nothing waits for it; the norm is
+        None under float16's gradient scaler, whose steps may overflow (it skips those)."""
         set_learning_rate(self.optimizer, lr)
-        batches = self.sampler.step_batches(cfg.grad_accum_steps, self.procs.rank,
+        batches = self.sampler.step_batches(self.cfg.grad_accum_steps, self.procs.rank,
                                             self.procs.world_size, self.device)
         loss_sum = torch.zeros((), device=self.device)
-        for micro, (x, y) in enumerate(batches):
-            # Under DDP, gradients are averaged across processes after the last micro-batch only.
-            last = micro == len(batches) - 1
-            sync = last or not self.procs.distributed
-            with nullcontext() if sync else self.forward_model.no_sync():
-                with dev.autocast(self.device, self.dtype):
-                    _, loss = self.forward_model(x, y)
-                self.scaler.scale(loss / len(batches)).backward()
-            loss_sum += loss.detach()
+        with self.dropout:  # dropout draws from the run's own random stream
+            for micro, (x, y) in enumerate(batches):
+                # Under DDP, gradients are averaged across processes after the last micro-batch.
+                last = micro == len(batches) - 1
+                sync = last or not self.procs.distributed
+                with nullcontext() if sync else self.forward_model.no_sync():
+                    with dev.autocast(self.device, self.dtype):
+                        _, loss = self.forward_model(x, y)
+                    self.scaler.scale(loss / len(batches)).backward()
+                loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)  # these scaler calls do nothing unless float16
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.optimizer)  # float16: skipped when the gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / len(batches), None if self.scaler.is_enabled() else grad_norm
 
-        step = self.history.step + 1
-        at_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        at_log = step % cfg.log_interval == 0 or at_eval
-        if at_log:  # on a GPU, time the work done rather than the work queued
-            dev.synchronize(self.device)
-        # With a scaler, an overflowing gradient is expected now and then (the step is skipped).
-        checked_norm = None if self.scaler.is_enabled() else grad_norm
-        self.history.record_step(loss_sum / len(batches), checked_norm, time.time() - started)
-        stopping = self._stop_requested(at_log)
-        if at_log or stopping:
-            self._check_finite()
-            loss, tokens_per_s = self.history.close_window(self.procs)
-            self.display.show(step, cfg.max_iters, loss, lr, tokens_per_s)
-            self.tracking.progress(step, loss, lr, tokens_per_s)
-        if at_eval:
-            result = self.evaluate()
-            if not math.isfinite(result["val_loss"]):
-                self._fail_non_finite(step)
-            sample = self._eval_sample()  # before add_evaluation restarts the throughput clock
-            is_best = self.history.add_evaluation(result, lr)
-            self.tracking.evaluation(step, result, sample)
-            self.save(evaluated=True, is_best=is_best)
-            self.display.write(f"step {step}: train {result['train_loss']:.4f}  val "
-                               f"{result['val_loss']:.4f}  val bpc {result['val_bpc']:.4f}")
-            self.display.evaluated(result["val_bpc"], sample if cfg.show_samples else None)
-        elif stopping:
-            self.save(evaluated=False, is_best=False)
-        return stopping
+    # ---- the bookkeeping around the steps ---------------------------------------------------
+    def report_progress(self, step: int, lr: float) -> None:
+        """The progress line or bar, and the trackers' train loss; refuses a non-finite loss."""
+        self._check_finite()
+        loss, tokens_per_s = self.history.close_window(self.procs)
+        self.display.show(step, self.cfg.max_iters, loss, lr, tokens_per_s)
+        self.tracking.progress(step, loss, lr, tokens_per_s)
+
+    def evaluate_and_save(self, step: int, lr: float) -> None:
+        """Evaluate, log the result, save the checkpoints and show the result."""
+        result = self.evaluate()
+        if not math.isfinite(result["val_loss"]):
+            self._fail_non_finite(step)
+        sample = self._eval_sample()  # before add_evaluation restarts the throughput clock
+        is_best = self.history.add_evaluation(result, lr)
+        self.tracking.evaluation(step, result, sample)
+        self.save(evaluated=True, is_best=is_best)
+        self.display.write(f"step {step}: train {result['train_loss']:.4f}  val "
+                           f"{result['val_loss']:.4f}  val bpc {result['val_bpc']:.4f}")
+        self.display.evaluated(result["val_bpc"], sample if self.cfg.show_samples else None)
 
     def _stop_requested(self, at_log: bool) -> bool:
         if not self.procs.distributed:
@@ -458,7 +388,7 @@ class Trainer:
         raise UserError(f"the loss or gradient became non-finite at step {step}; stopped without "
                         f"saving ({saved}); lower --learning-rate or check the data")
 
-    # ---- evaluation and outputs ---------------------------------------------------------
+    # ---- evaluation and outputs -------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Val loss over every token of the val split (sharded across ranks), train loss on
@@ -474,8 +404,8 @@ class Trainer:
                 sums[0] += loss.to(sums.dtype) * y.numel()
                 sums[1] += y.numel()
             train_sampler = BatchSampler(self.train_tokens, block_size, cfg.batch_size,
-                                         seed=derived_seed(cfg.seed, 1000 * procs.rank
-                                                           + 104729 * self.history.step))
+                                         seed=eval_batches_seed(cfg.seed, procs.rank,
+                                                                self.history.step))
             for _ in range(procs.rank, cfg.eval_iters, procs.world_size):
                 _, loss = model(*train_sampler.next_batch(self.device))
                 sums[2] += loss.to(sums.dtype)
@@ -488,10 +418,9 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         """Everything --resume needs; every process must call it (it gathers their states)."""
-        mine = {"sampler": self.sampler.state(),
-                "rng": {k: v.cpu() for k, v in dev.rng_state(self.device).items()}}
+        mine = {"sampler": self.sampler.state(), "rng": self.dropout.state_dict()}
         return {
-            "version": 1,
+            "version": FORMAT_VERSION,
             "kind": self.family.kind,
             "model_config": vars(self.model_config).copy(),
             "train_config": self.cfg.to_dict(),
@@ -520,11 +449,7 @@ class Trainer:
             if not evaluated:
                 self.paths.plot.unlink(missing_ok=True)
             self.replacing = False
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.history.metrics)
-        atomic_write_text(self.paths.metrics, out.getvalue())
+        write_metrics(self.paths.metrics, self.history.metrics)
         if evaluated:
             self._plot()
 
@@ -561,52 +486,31 @@ class Trainer:
                                 f"{self.history.metrics[-1]['val_loss']:.4f}, temperature 1.0\n{text}\n")
         return path
 
-    # ---- the loop -----------------------------------------------------------------------
-    def fit(self) -> int:
-        cfg, kind, step = self.cfg, self.family.kind, self.history.step
-        if step >= cfg.max_iters:
-            if self.is_main:
-                print(f"{self.paths.last} is already at step {step}; nothing to do "
-                      "(raise --max-iters to train on)")
-            return 0
-        if self.is_main:
-            note = dev.slow_dtype_note(self.device, self.dtype)
-            if note:
-                print(note, file=sys.stderr)
-            print(f"{kind}: {self.model.num_params():,} parameters, device {self.device}, "
-                  f"{str(self.dtype).replace('torch.', '')}, {self.procs.world_size} process(es), "
-                  f"{self.tokens_per_step:,} tokens/step")
-            if self.cfg.optimizer != "adamw":
-                print(f"optimizer: {describe(self.optimizer)}")
-            if step:
-                print(f"resuming {self.paths.last} at step {step}")
-                forgotten = forgotten_flags(cfg, self.paths.checkpoints)
-                if forgotten:
-                    flags = " ".join(forgotten)
-                    print(f"note: an earlier session of this run logged with {flags}; this one "
-                          f"does not (add {flags} to continue its curves)")
-        self.display.start(step, cfg.max_iters)
-        stopped = False
-        with self.stop:
-            while self.history.step < cfg.max_iters and not stopped:
-                stopped = self.train_step()
-        self.display.close()
-        if stopped and self.history.step < cfg.max_iters:
-            if self.is_main:
-                print(f"stopped at step {self.history.step}; {self.paths.last} is saved. "
-                      f"Continue with:\n  python {kind}/train.py --resume"
-                      + (f" --run {shlex.quote(self.run)}" if self.run != kind else "")
-                      + (f" --out-dir {shlex.quote(cfg.out_dir)}" if cfg.out_dir else ""))
-            return self.stop.exit_code()
-        if self.is_main:
-            self._report()
-        return 0
+    # ---- messages, and the end --------------------------------------------------------------
+    def _announce(self) -> None:
+        cfg, step = self.cfg, self.history.step
+        note = dev.slow_dtype_note(self.device, self.dtype)
+        if note:
+            print(note, file=sys.stderr)
+        print(f"{self.family.kind}: {self.model.num_params():,} parameters, device {self.device}, "
+              f"{str(self.dtype).replace('torch.', '')}, {self.procs.world_size} process(es), "
+              f"{self.tokens_per_step:,} tokens/step")
+        if cfg.optimizer != "adamw":
+            print(f"optimizer: {describe(self.optimizer)}")
+        if step:
+            print(f"resuming {self.paths.last} at step {step}")
+            forgotten = forgotten_flags(cfg, self.paths.checkpoints)
+            if forgotten:
+                flags = " ".join(forgotten)
+                print(f"note: an earlier session of this run logged with {flags}; this one "
+                      f"does not (add {flags} to continue its curves)")
 
-    def close(self) -> None:
-        """Close the tracking writers and let go of the run folder (the process's end would)."""
-        self.tracking.close()
-        if self.lock is not None:
-            self.lock.release()
+    def _report_stop(self) -> None:
+        cfg, kind = self.cfg, self.family.kind
+        print(f"stopped at step {self.history.step}; {self.paths.last} is saved. "
+              f"Continue with:\n  python {kind}/train.py --resume"
+              + (f" --run {shlex.quote(self.run)}" if self.run != kind else "")
+              + (f" --out-dir {shlex.quote(cfg.out_dir)}" if cfg.out_dir else ""))
 
     def _report(self) -> None:
         sample = self.write_sample() if self.cfg.sample_tokens else None
@@ -616,16 +520,8 @@ class Trainer:
         print(f"  checkpoint  {self.paths.best}\n  plot        {self.paths.plot}\n"
               f"  metrics     {self.paths.metrics}" + (f"\n  sample      {sample}" if sample else ""))
 
-
-def main(family, description: str, argv=None) -> int:
-    flags = parse_flags(family, description, argv)
-    trainer = None
-    try:
-        trainer = Trainer(family, flags)
-        code = trainer.fit()
-        dev.stop_processes(wait_for_all=True)
-        return code
-    finally:
-        if trainer is not None:
-            trainer.close()
-        dev.stop_processes()
+    def close(self) -> None:
+        """Close the tracking writers and let go of the run folder (the process's end would)."""
+        self.tracking.close()
+        if self.lock is not None:
+            self.lock.release()

@@ -200,12 +200,12 @@ def test_the_feed_forward_relu_is_nn_relu_bit_for_bit_in_eager():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_training_steps_keep_freed_memory_instead_of_page_faulting_it_back():
     """Each step frees its activations and allocates them again. glibc's defaults hand big blocks
-    back to the kernel, so a step page-faults them in afresh; dev.keep_freed_memory, which the
-    trainer calls on CPUs, stops that."""
+    back to the kernel, so a step page-faults them in afresh; keep_freed_memory, which train.py
+    sets on CPUs, stops that."""
     script = ("import resource, sys, torch\n"
               "sys.path.insert(0, sys.argv[1])\n"
               "from bigram.model import BigramConfig, BigramLanguageModel\n"
-              "from lmkit.device import keep_freed_memory\n"
+              "from lmkit.process import keep_freed_memory\n"
               "assert keep_freed_memory()\n"
               "model = BigramLanguageModel(BigramConfig(block_size=64, n_layer=4, n_head=4,\n"
               "                                         n_embd=128, dropout=0.0))\n"

@@ -15,7 +15,7 @@ import torch
 from bigram.family import FAMILY
 from bigram.train import main as bigram_main
 from conftest import REPO_ROOT, one_error_line, run_script, stop_requested_during, tiny_flags
-from lmkit import hf, sample_cli
+from lmkit import export_cli, sample_cli
 from lmkit.errors import UserError
 from lmkit.tokenizers import tokenizer_from_meta
 
@@ -149,8 +149,8 @@ def test_run_names_that_are_paths_are_refused(prepared, tmp_path):
         with pytest.raises(UserError, match="is not a run name"):
             sample_cli.main(FAMILY, "", ["--out-dir", str(out), "--run", name])
         with pytest.raises(UserError, match="is not a run name"):
-            hf.export_main(FAMILY, "", ["--out-dir", str(out), "--run", name,
-                                        "--out", str(tmp_path / "hf")])
+            export_cli.main(FAMILY, "", ["--out-dir", str(out), "--run", name,
+                                         "--out", str(tmp_path / "hf")])
     assert not out.exists() and not (tmp_path / "escape").exists()
     result = run_script("bigram/sample.py", "--out-dir", out, "--run", "../escape")
     assert result.returncode == 2 and "is not a run name" in one_error_line(result.stderr)

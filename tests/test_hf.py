@@ -1,4 +1,5 @@
-"""Hugging Face interop (lmkit/hf.py): export to GPT-2 folders and load GPT-2 weights, offline."""
+"""Hugging Face interop, offline: export to GPT-2 folders (lmkit/hf.py) and load GPT-2's weights
+(gpt/pretrained.py)."""
 import json
 import os
 import shutil
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # no test here may reach the network
 transformers = pytest.importorskip("transformers")
 
 from conftest import REPO_ROOT, one_error_line, run_script  # noqa: E402
+from gpt import pretrained  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from lmkit import hf  # noqa: E402
 from lmkit.checkpoint import load_checkpoint  # noqa: E402
@@ -21,6 +22,17 @@ from lmkit.generation import generate  # noqa: E402
 from lmkit.tokenizers import tokenizer_from_meta  # noqa: E402
 
 TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """No test here may reach the network: neither Hugging Face's libraries in this process
+    (which read HF_HUB_OFFLINE once, when first imported) nor the scripts the tests start."""
+    from huggingface_hub import constants
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield
 
 
 def full_logits(model, idx):
@@ -74,7 +86,7 @@ def exported(trained, tmp_path_factory):
 
 def test_load_gpt2_gives_the_logits_transformers_gives(tiny_gpt2):
     folder, theirs = tiny_gpt2
-    values, state = hf.load_gpt2(str(folder), None)
+    values, state = pretrained.load_gpt2(str(folder), None)
     # GPT-2's own 50257 tokens, unpadded: a zero padding row would score 0, far above the real
     # tokens' logits of a trained GPT-2 (around -60), and swamp the loss of a fine-tune.
     assert values == dict(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32,
@@ -87,7 +99,7 @@ def test_load_gpt2_gives_the_logits_transformers_gives(tiny_gpt2):
     assert expected.abs().max() > 1  # logits big enough for the comparison to mean something
     assert (full_logits(model, idx)[..., :50257] - expected).abs().max() <= TOLERANCE
 
-    values, cropped = hf.load_gpt2(str(folder), 16)  # nanoGPT's crop_block_size
+    values, cropped = pretrained.load_gpt2(str(folder), 16)  # nanoGPT's crop_block_size
     assert values["block_size"] == 16 and cropped["wpe.weight"].shape == (16, 32)
     model = GPT(GPTConfig(**values, dropout=0.0)).eval()
     model.load_state_dict(cropped)
@@ -99,8 +111,8 @@ def test_load_gpt2_reads_pytorch_model_bin_too(tiny_gpt2, tmp_path):
     folder, theirs = tiny_gpt2
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
-    _, from_bin = hf.load_gpt2(str(tmp_path), None)
-    _, from_safetensors = hf.load_gpt2(str(folder), None)
+    _, from_bin = pretrained.load_gpt2(str(tmp_path), None)
+    _, from_safetensors = pretrained.load_gpt2(str(folder), None)
     assert from_bin.keys() == from_safetensors.keys()
     assert all(torch.equal(from_bin[k], from_safetensors[k]) for k in from_bin)
 
@@ -166,7 +178,7 @@ def test_a_model_without_biases_exports_exactly(trained, tmp_path):
 
 def test_export_then_load_gpt2_gives_back_the_same_weights(trained, exported):
     state = load_checkpoint(checkpoint_path(trained, "gpt"))
-    values, loaded = hf.load_gpt2(str(exported / "gpt"), None)
+    values, loaded = pretrained.load_gpt2(str(exported / "gpt"), None)
     n_vocab = state["meta"]["vocab_size"]  # the padded rows are not exported
     expected = {**state["model_config"], "vocab_size": n_vocab}
     assert GPTConfig(**values, dropout=expected["dropout"]) == GPTConfig(**expected)
@@ -213,7 +225,7 @@ def test_a_bad_folder_gets_one_sentence(tiny_gpt2, tmp_path, how, says):
     shutil.copytree(tiny_gpt2[0], folder)
     spoil(folder, how)
     with pytest.raises(UserError) as caught:
-        hf.load_gpt2(str(folder), None)
+        pretrained.load_gpt2(str(folder), None)
     message = str(caught.value)
     assert says in message and "\n" not in message
 
@@ -221,9 +233,9 @@ def test_a_bad_folder_gets_one_sentence(tiny_gpt2, tmp_path, how, says):
 def test_a_block_size_beyond_the_model_positions_or_a_missing_folder_is_refused(tiny_gpt2,
                                                                                 tmp_path):
     with pytest.raises(UserError, match="block size 128 does not fit"):
-        hf.load_gpt2(str(tiny_gpt2[0]), 128)
+        pretrained.load_gpt2(str(tiny_gpt2[0]), 128)
     with pytest.raises(UserError, match="does not exist; check the path"):
-        hf.load_gpt2(str(tmp_path / "nothing"), None)
+        pretrained.load_gpt2(str(tmp_path / "nothing"), None)
 
 
 def test_model_names_resolve_through_the_local_cache_offline(tiny_gpt2, tmp_path, monkeypatch):
@@ -236,15 +248,15 @@ def test_model_names_resolve_through_the_local_cache_offline(tiny_gpt2, tmp_path
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
-    values, _ = hf.load_gpt2("gpt2", 16)
+    values, _ = pretrained.load_gpt2("gpt2", 16)
     assert values["block_size"] == 16 and values["n_embd"] == 32
     with pytest.raises(UserError, match="neither a folder nor a model in the local"):
-        hf.load_gpt2("gpt2-medium", 16)
+        pretrained.load_gpt2("gpt2-medium", 16)
 
 
 @pytest.mark.slow
 def test_a_model_that_cannot_be_found_is_one_error_line_from_a_command(tmp_path):
-    code = ("from lmkit.errors import run_main; from lmkit.hf import load_gpt2\n"
+    code = ("from lmkit.errors import run_main; from gpt.pretrained import load_gpt2\n"
             "run_main(lambda: load_gpt2('gpt2', None))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,

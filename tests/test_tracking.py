@@ -12,7 +12,7 @@ from tqdm import tqdm
 from bigram.train import main as bigram_main
 from conftest import one_error_line, read_metrics, run_script, tiny_flags
 from lmkit.history import TrainingHistory
-from lmkit.trainer import ProgressDisplay, one_line
+from lmkit.reporting import ProgressDisplay, one_line
 
 PROGRESS_TAGS = {"train/loss", "train/lr", "train/tokens_per_s"}
 EVAL_TAGS = {"eval/train_loss", "eval/val_loss", "eval/val_bpc"}

@@ -1,0 +1,34 @@
+"""The export.py command both models share: a checkpoint as a Hugging Face GPT-2 folder
+(the conversion is lmkit/hf.py)."""
+import argparse
+from pathlib import Path
+
+from lmkit.checkpoint import find_checkpoint, load_checkpoint_of
+from lmkit.files import REPO_ROOT
+from lmkit.hf import export_files, write_folder
+from lmkit.process import protect_console
+
+
+def build_parser(kind: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=kind, help="run whose checkpoints/<run>/best.pt (or last.pt) "
+                                               "to export (default: %(default)s)")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint file to export instead")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT,
+                   help="folder holding checkpoints/ (default: the repository root)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the Hugging Face folder to write (must not exist, or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
+    return p
+
+
+def main(family, description: str, argv=None) -> int:
+    protect_console()  # a closed pipe must not stop the export; the folder holds the result
+    args = build_parser(family.kind, description).parse_args(argv)
+    path = find_checkpoint(args.checkpoint, args.run, args.out_dir, family.kind)
+    state = load_checkpoint_of(family, path, "export")
+    write_folder(args.out, export_files(state, family), args.overwrite)
+    print(f"exported {path} (step {state['step']}) to {args.out}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
