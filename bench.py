@@ -243,7 +243,8 @@ def run_preset(model: str, preset: str, work: Path, extra: list) -> dict:
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise UserError(f"{model}/train.py failed: {done.stderr[-500:]}")
-    with open(work / "checkpoints" / "vs-nanogpt" / "metrics.csv") as f:
+    metrics = work / "checkpoints" / "vs-nanogpt" / "metrics.csv"
+    with open(metrics, newline="", encoding="utf-8") as f:
         best = min(csv.DictReader(f), key=lambda row: float(row["val_bpc"]))
     return {"wall_s": seconds, "val_loss": float(best["val_loss"]),
             "val_bpc": float(best["val_bpc"]), "step": int(best["step"])}

@@ -43,7 +43,7 @@ def load_meta(data_dir) -> dict:
     if prepared:
         hint = f" (did you mean {' or '.join(str(Path(data_dir) / name) for name in prepared)}?)"
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"no prepared data in {data_dir}{hint}; run `python prepare_data.py` "
                         "first, or fix --data-dir") from None

@@ -63,7 +63,7 @@ def slow_dtype_note(device: torch.device, dtype: torch.dtype):
 
 def _cpu_flags() -> set:
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
                     return set(line.split(":", 1)[1].split())
@@ -254,7 +254,7 @@ def check_fits_in_memory(model_cls, config, batch_size: int) -> None:
 def available_memory_bytes():
     """Memory the machine can still give this process (Linux and macOS), or None if unknown."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

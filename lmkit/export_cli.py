@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from lmkit.checkpoint import find_checkpoint, load_checkpoint_of
+from lmkit.errors import UserError
 from lmkit.files import REPO_ROOT
 from lmkit.hf import export_files, write_folder
 from lmkit.process import protect_console
@@ -27,8 +28,18 @@ def main(family, description: str, argv=None) -> int:
     protect_console()  # a closed pipe must not stop the export; the folder holds the result
     args = build_parser(family.kind, description).parse_args(argv)
     path = find_checkpoint(args.checkpoint, args.run, args.out_dir, family.kind)
+    check_out_spares(args.out, path)
     state = load_checkpoint_of(family, path, "export")
-    write_folder(args.out, export_files(state, family), args.overwrite)
+    write_folder(args.out, export_files(state, family), args.overwrite,
+                 source=f"{path} (step {state['step']})")
     print(f"exported {path} (step {state['step']}) to {args.out}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
     return 0
+
+
+def check_out_spares(out: Path, checkpoint: Path) -> None:
+    """Writing --out replaces the folder: it must not be, or hold, the checkpoint being read."""
+    out, checkpoint = out.resolve(), checkpoint.resolve()
+    if out == checkpoint or out in checkpoint.parents:
+        raise UserError(f"--out {out} holds the checkpoint being exported ({checkpoint}); "
+                        "choose a folder outside its run, such as hf/<run>")

@@ -1,6 +1,7 @@
 """Where outputs go (a run's folders), atomic file writes, and early checks that folders are writable."""
 import errno
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,7 @@ class RunLock:
     def acquire(self, what: str) -> None:
         """Take the lock, or refuse at once with one sentence naming the process that holds it."""
         ensure_writable_dirs(self.path.parent)
-        self.file = open(self.path, "a+")
+        self.file = _open_lock_file(self.path)
         if not _try_lock(self.file):
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
@@ -169,7 +170,7 @@ class RunLock:
             raise UserError(f"{what} is in use by {holder}; wait for it to finish, stop it, or "
                             "choose another --run")
         self.file.seek(0)
-        self.file.truncate()
+        self.file.truncate()  # ours now: a plain file, locked by this process
         self.file.write(f"process {os.getpid()}")
         self.file.flush()
 
@@ -177,6 +178,27 @@ class RunLock:
         if self.file is not None:
             self.file.close()  # closing drops the lock
             self.file = None
+
+
+def _open_lock_file(path: Path):
+    """The lock file, opened for reading and writing without following a symlink (a .lock
+    planted to point at another file must not get that file truncated) and without changing it."""
+    refusal = (f"{path} is not a plain file (a symbolic link, a folder or a device); remove it "
+               "and run again: it only marks which process is training the run")
+    no_follow = getattr(os, "O_NOFOLLOW", 0)
+    if not no_follow and path.is_symlink():  # a system without O_NOFOLLOW: check by name first
+        raise UserError(refusal)
+    flags = os.O_RDWR | os.O_CREAT | no_follow | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR) or path.is_symlink() or path.is_dir():
+            raise UserError(refusal) from None
+        raise UserError(f"cannot open {path} ({e.strerror}); fix its permissions") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(refusal)
+    return os.fdopen(fd, "r+", encoding="utf-8")
 
 
 def _try_lock(f) -> bool:

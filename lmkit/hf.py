@@ -30,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from lmkit.errors import UserError
+from lmkit.files import REPO_ROOT
 from lmkit.tokenizers import ENDOFTEXT, GPT2_VOCAB_SIZE, BPETokenizer, gpt2_files
 
 # Config fields whose every value maps onto GPT-2; any other field must keep its default.
@@ -288,15 +289,24 @@ def export_files(state: dict, family) -> dict:
     return files
 
 
-def write_folder(out: Path, files: dict, overwrite: bool) -> None:
-    """Write files into a temp folder beside out, then rename it to out: never half a folder."""
+# Every export folder holds this file; --overwrite replaces only a folder that holds it.
+EXPORT_MARK = ".shakespeare-lm-export"
+
+
+def write_folder(out: Path, files: dict, overwrite: bool, source: str) -> None:
+    """Write files (and EXPORT_MARK, saying they came from source) into a temp folder beside
+    out, then rename it to out: never half a folder."""
+    files = {**files, EXPORT_MARK: f"exported by export.py from {source}; "
+                                   "export.py --overwrite may replace this folder\n".encode()}
     tmp = None
     try:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; give a folder")
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to "
-                            "replace it or choose another folder")
+        if out.is_dir() and any(out.iterdir()):
+            if not overwrite:
+                raise UserError(f"--out {out} already exists and is not empty; pass --overwrite "
+                                "to replace it or choose another folder")
+            check_replaceable(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
@@ -322,6 +332,25 @@ def write_folder(out: Path, files: dict, overwrite: bool) -> None:
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(out: Path) -> None:
+    """--overwrite deletes the old folder, so it must be one an earlier export wrote, and not a
+    place that holds the project's own work even if someone copied the mark into it."""
+    names = {p.name for p in out.iterdir()}
+    if out.resolve() == REPO_ROOT.resolve() or {".git", "lmkit"} & names:
+        what = "the repository root"
+    elif (names & {"checkpoints", "last.pt", "best.pt", "metrics.csv", ".lock"}
+          or any(out.glob("*/last.pt"))):
+        what = "a folder of training runs (checkpoints)"
+    elif names & {"meta.json", "train.bin", "val.bin"} or any(out.glob("*/meta.json")):
+        what = "a folder of prepared data"
+    elif EXPORT_MARK not in names:
+        what = f"a folder holding files export.py did not write (it has no {EXPORT_MARK})"
+    else:
+        return
+    raise UserError(f"--overwrite replaces only a folder an earlier export wrote, and --out {out} "
+                    f"is {what}; choose another --out")
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -21,7 +21,7 @@ class ForgivingStream:
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
         except (OSError, ValueError):
-            self.stream = open(os.devnull, "w")
+            self.stream = open(os.devnull, "w", encoding="utf-8")
 
     def write(self, text: str) -> int:
         try:

@@ -102,7 +102,8 @@ class WandbReporter:
     def __init__(self, folder: Path, name: str, config: dict, resuming: bool):
         self.wandb = _import_wandb()
         id_file = folder / WANDB_DIR / "run_id.txt"
-        run_id = id_file.read_text().strip() if resuming and id_file.is_file() else ""
+        run_id = (id_file.read_text(encoding="utf-8").strip()
+                  if resuming and id_file.is_file() else "")
         if not run_id:
             run_id = secrets.token_hex(4)
             atomic_write_text(id_file, run_id + "\n")

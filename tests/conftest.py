@@ -72,7 +72,8 @@ def one_error_line(stderr: str) -> str:
 
 def read_metrics(out_dir, run) -> list:
     """The rows of checkpoints/<run>/metrics.csv."""
-    with open(out_dir / "checkpoints" / run / "metrics.csv") as f:
+    path = out_dir / "checkpoints" / run / "metrics.csv"
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

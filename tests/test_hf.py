@@ -324,7 +324,7 @@ def test_a_failed_export_leaves_no_folder_and_overwrite_replaces(trained, tmp_pa
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temp twin
 
     monkeypatch.setattr(hf, "write_file", real_write)
-    out.mkdir()
+    assert main(["--out-dir", str(trained), "--out", str(out)]) == 0  # an earlier export
     (out / "stale.txt").write_text("old")
     assert main(["--out-dir", str(trained), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()

@@ -61,3 +61,56 @@ def test_a_bpe_nanogpt_log_has_no_bpc_and_other_files_are_refused(trained, tmp_p
     result = run_script("plot_runs.py", notes, "--out", tmp_path / "c.png")
     assert result.returncode == 1 and "nanoGPT training log" in one_error_line(result.stderr)
     assert not (tmp_path / "c.png").exists()
+
+
+HEADER = "step,lr,train_loss,val_loss,val_bpc,tokens_seen,elapsed_s,tokens_per_s\n"
+GOOD_ROWS = "6,0.003,3.1,3.2,4.6,384,0.5,700\n12,0.001,2.9,3.0,4.3,768,1.0,760\n"
+DAMAGED_METRICS = {  # what is in the file -> (lines named in the warnings, is anything left)
+    "text in a number column": (HEADER + GOOD_ROWS + "18,0.001,2.8,oops,4.1,1152,1.5,760\n",
+                                ["line 4: val_loss is 'oops', not a number"], True),
+    "a truncated last row": (HEADER + GOOD_ROWS + "18,0.001,2.8", ["line 4: the row ends before"],
+                             True),
+    "an infinite value": (HEADER + GOOD_ROWS + "18,0.001,2.8,inf,4.1,1152,1.5,760\n",
+                          ["line 4: val_loss is 'inf', not a finite number"], True),
+    "an empty file": ("", ["(no header)"], False),
+    "a header only": (HEADER, ["(a header and no evaluations)"], False),
+    "an all-NaN column": (HEADER + GOOD_ROWS.replace("3.2", "nan").replace("3.0", "nan"),
+                          ["(line 2: val_loss is 'nan', not a finite number)"], False),
+    "a missing column": (HEADER.replace("val_loss,", "") + "6,0.003,3.1,4.6,384,0.5,700\n",
+                         ["(no val_loss column)"], False),
+    "bytes that are not UTF-8": (b"step,val_loss\n\xff\xfe,1\n", ["(it is not a readable CSV"],
+                                 False),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_METRICS)
+def test_a_damaged_metrics_file_is_named_and_the_rest_is_drawn(damage, tmp_path, capsys):
+    from plot_runs import main
+    content, warnings, anything_left = DAMAGED_METRICS[damage]
+    good, damaged = tmp_path / "good.csv", tmp_path / "damaged.csv"
+    good.write_text(HEADER + GOOD_ROWS, encoding="utf-8")
+    damaged.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    out = tmp_path / "compare.png"
+    assert main([str(good), str(damaged), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{2 if anything_left else 1} runs against steps" in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == len(warnings) and all(line.startswith("warning: ") for line in lines)
+    for line, expected in zip(lines, warnings):
+        assert str(damaged) in line and expected in line, line
+    if not anything_left:
+        assert "left out of the plot" in lines[0]
+
+
+def test_no_run_left_to_draw_is_one_error_sentence_after_the_warnings(tmp_path):
+    empty, header_only = tmp_path / "empty.csv", tmp_path / "header.csv"
+    empty.write_text("")
+    header_only.write_text(HEADER)
+    out = tmp_path / "compare.png"
+    result = run_script("plot_runs.py", empty, header_only, "--out", out)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert [line.split(":")[0] for line in lines] == ["warning", "warning", "error"]
+    assert "none of the runs has an evaluation to plot" in lines[-1]
+    assert not out.exists()
