@@ -11,7 +11,7 @@ RECIPE = dict(max_iters=5000, eval_interval=500, eval_iters=200, batch_size=64,
               weight_decay=0.01, beta2=0.999)
 
 PRESETS = {
-    # The laptop speedrun (README, "The laptop speedrun"): tuned on a 2-core AVX2 CPU to fit the
+    # The laptop speedrun (docs/speedrun.md): tuned on a 2-core AVX2 CPU to fit the
     # wall time of nanoGPT's CPU char recipe there. Two layers take more, cheaper steps than
     # four in that time; rotary positions, QK-norm, Muon, and a 40x AdamW rate for the
     # embedding table; 2,048 tokens per step.

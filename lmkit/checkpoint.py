@@ -16,7 +16,7 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("kind", "model_config", "model", "step", "metrics", "meta")
 SIBLINGS = {"last.pt": "best.pt", "best.pt": "last.pt"}
 # Model options that were tried in the laptop speedrun, paid at no preset and were removed
-# (README, "The laptop speedrun"). Checkpoints written while they existed store them: off, or
+# (docs/speedrun.md). Checkpoints written while they existed store them: off, or
 # zero_init (which only changed the initialisation), loads as today's model; on, it cannot.
 RETIRED_OPTIONS = {"rmsnorm": "--rmsnorm", "relu_squared": "--relu-squared"}
 RETIRED_HARMLESS = ("zero_init",)

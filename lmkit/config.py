@@ -30,7 +30,8 @@ class TrainConfig:
     learning_rate: float = option("peak learning rate")
     min_lr: float = option("learning rate at the end of the cosine decay")
     warmup_iters: int = option("steps of linear warmup; -1 means a quarter of --max-iters")
-    weight_decay: float = option("AdamW weight decay, applied to tensors of 2+ dimensions")
+    weight_decay: float = option("decoupled weight decay of the tensors of 2+ dimensions "
+                                "(AdamW's, and Muon's matrices)")
     beta2: float = option("AdamW beta2")
     # Settings with one default for every model.
     optimizer: str = option("adamw: AdamW for every weight; muon: Muon for the 2-D matrices "
