@@ -5,7 +5,7 @@
     python bench.py --model bigram --preset cpu -- --dtype float32    # any train.py flag after --
     python bench.py --model gpt --head-loss -- --batch-size 64 --block-size 256   # head chunking
     python bench.py --bpe-training data/input.txt --bpe-vocab 2048   # rustbpe against tokenizers
-    python bench.py --vs-nanogpt ~/nanoGPT --model gpt   # the preset against nanoGPT's CPU recipe
+    python bench.py --vs-nanogpt ~/nanoGPT --model gpt --preset cpu   # against nanoGPT's CPU recipe
 
 Prints a table and writes the numbers as JSON. It measures; it asserts nothing.
 """
@@ -15,7 +15,6 @@ import json
 import math
 import pickle
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -161,6 +160,8 @@ def text_pieces(path: Path, size: int = 1 << 20):
 def train_bpe_with(library: str, path: Path, vocab_size: int) -> dict:
     """Learn a byte-level BPE with GPT-2's pattern; seconds, tokens reached and this process's
     peak memory (run it in a process of its own for a fair peak)."""
+    import resource  # Unix only, like this measurement
+
     from lmkit.tokenizers import GPT2_PATTERN
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     t0 = time.perf_counter()
@@ -193,7 +194,9 @@ def bench_bpe_training(path: Path, vocab_size: int) -> dict:
                 f"Path({str(path)!r}), {vocab_size})))")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode != 0:
-            results[library] = {"error": done.stderr.strip().splitlines()[-1]}
+            lines = [line for line in done.stderr.splitlines()
+                     if "Error" in line or "panicked" in line]
+            results[library] = {"error": lines[-1] if lines else f"exit code {done.returncode}"}
             continue
         results[library] = json.loads(done.stdout)
     return results
@@ -257,6 +260,9 @@ def bench_vs_nanogpt(checkout: Path, corpus: Path, model: str, preset: str, extr
                          "prepare_data.py` first, or give --corpus")
     if not (checkout / "train.py").is_file():
         raise UserError(f"--vs-nanogpt {checkout} is not a nanoGPT checkout (no train.py)")
+    if any(flag.split("=")[0] in ("--run", "--run-name", "--out-dir") for flag in extra):
+        raise UserError("--vs-nanogpt names the run and its folder itself; leave --run and "
+                        "--out-dir out of the flags after --")
     with tempfile.TemporaryDirectory() as work:
         nanogpt = run_nanogpt_cpu(checkout, corpus, Path(work))
         ours = run_preset(model, preset, Path(work), extra)
@@ -297,6 +303,8 @@ def main(argv=None) -> int:
     if args.bpe_training:
         if not args.bpe_training.is_file():
             p.error(f"--bpe-training {args.bpe_training} is not a file")
+        if args.bpe_vocab < 256:
+            p.error("--bpe-vocab must be at least 256: a byte-level BPE starts from the 256 bytes")
         results = bench_bpe_training(args.bpe_training, args.bpe_vocab)
         mb = args.bpe_training.stat().st_size / 1e6
         for library, r in results.items():

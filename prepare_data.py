@@ -1,4 +1,4 @@
-"""Prepare the train/val splits for both tokenizers.
+"""Prepare the train/val splits for the three tokenizers.
 
     python prepare_data.py                   # Tiny Shakespeare (downloaded once, checksum-verified)
     python prepare_data.py --input my.txt    # any UTF-8 text of your own
@@ -156,7 +156,7 @@ def write_split(folder: Path, train_ids: np.ndarray, val_ids: np.ndarray, meta: 
 
 
 def prepare(args) -> dict:
-    """Encode and write both tokenizations; return {tokenizer: meta}."""
+    """Encode and write the three tokenizations; return {folder name: meta}."""
     if not 0 < args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5], got {args.val_fraction}")
     if args.bpe_vocab is not None:
@@ -222,6 +222,14 @@ def main(argv=None) -> int:
               f"({meta['n_val_chars'] / meta['n_val_tokens']:.2f} characters/token)  "
               f"-> {args.out_dir / folder_name}")
     bpe = next(meta for meta in metas.values() if meta["tokenizer"] == "bpe")
+    for other in sorted(args.out_dir.glob("bpe*/meta.json")):
+        try:
+            stale = json.loads(other.read_text(encoding="utf-8")).get("source_sha256")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if stale != bpe["source_sha256"]:
+            print(f"note: {other.parent} holds another text's BPE; prepare that size again "
+                  f"(--bpe-vocab) or move it away before training on it")
     if bpe["vocab_size"] < (args.bpe_vocab or DEFAULT_BPE_VOCAB):
         print(f"note: the train split fills a BPE of only {bpe['vocab_size']:,} tokens, not "
               f"{DEFAULT_BPE_VOCAB:,}; train the GPT on it with --data-dir "

@@ -81,8 +81,8 @@ def check_compatible(state: dict, family, model_config, meta: dict, path: Path,
     if tokenizer_name(state["meta"]) != tokenizer_name(meta):
         diffs.append(f"tokenizer {tokenizer_name(state['meta'])} -> {tokenizer_name(meta)}")
     elif not same_tokenizer(state["meta"], meta):
-        diffs.append(f"the data's {tokenizer_name(meta)} tokenizer (the same size, other "
-                     "tokens: a tokenizer trained on another text?)")
+        diffs.append(f"the data's {tokenizer_name(meta)} tokenizer (the same size, other merges: "
+                     "learned from another text or another split)")
     saved = state["model_config"]  # with the options added since (lmkit.checkpoint.upgrade)
     for name, value in vars(model_config).items():
         if name != "dropout" and saved.get(name) != value:

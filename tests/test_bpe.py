@@ -201,7 +201,7 @@ def test_resuming_on_another_tokenizer_is_refused(corpus, trained_bpe, tmp_path)
         prepared = run_script("prepare_data.py", "--input", tmp_path / "t.txt", "--out-dir",
                               other, "--bpe-vocab", vocab)
         assert prepared.returncode == 0, prepared.stderr
-    for data, says in ((other / f"bpe{VOCAB}", "other tokens"), (other / "bpe300", "bpe320 -> bpe300"),
+    for data, says in ((other / f"bpe{VOCAB}", "other merges"), (other / "bpe300", "bpe320 -> bpe300"),
                        (folder / "data" / "gpt2", "bpe320 -> gpt2")):
         result = run_script("gpt/train.py", "--resume", "--out-dir", trained_bpe,
                             "--max-iters", 20, "--data-dir", data, "--new-data")
@@ -265,3 +265,14 @@ def test_export_loads_in_transformers_and_continues_greedily_like_sample(trained
                                 max_new_tokens=n_new, pad_token_id=0)
     continuation = hf_tokenizer.decode(greedy[0])
     assert continuation in (tmp_path / "s.txt").read_text(encoding="utf-8")
+
+
+def test_a_bpe_folder_of_another_text_is_pointed_out(tmp_path, capsys):
+    import prepare_data
+    for name, text, vocab in (("a.txt", make_text(400), "300"), ("b.txt", make_text(400)[::-1], "280")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert prepare_data.main(["--input", str(tmp_path / name), "--out-dir", str(tmp_path / "d"),
+                                  "--bpe-vocab", vocab]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'd' / 'bpe300'} holds another text's BPE" in out
+    assert "bpe280 holds" not in out
