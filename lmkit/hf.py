@@ -60,8 +60,11 @@ def check_config_maps(model_config: dict, family) -> None:
         if name in MAPPED_CONFIG_FIELDS:
             continue
         if name not in defaults or value != defaults[name]:
+            flag = "--" + name.replace("_", "-")
             raise UserError(f"cannot export this {family.kind} model as GPT-2: its option "
-                            f"{name}={value!r} has no GPT-2 counterpart")
+                            f"{name}={value!r} has no GPT-2 counterpart; a model trained without "
+                            f"it ({flag} off, e.g. --no-rotary --no-qk-norm with --preset cpu) "
+                            "exports")
 
 
 def activation_name(fn) -> str:
