@@ -15,6 +15,7 @@ def main(family, description: str, argv=None) -> int:
         if trainer.device.type == "cpu":
             keep_freed_memory()  # each step allocates what the last one freed: keep it mapped
         code = trainer.fit()
+        trainer.close()  # drops the DDP wrapper before its process group goes
         dev.stop_processes(wait_for_all=True)
         return code
     finally:

@@ -521,7 +521,11 @@ class Trainer:
               f"  metrics     {self.paths.metrics}" + (f"\n  sample      {sample}" if sample else ""))
 
     def close(self) -> None:
-        """Close the tracking writers and let go of the run folder (the process's end would)."""
+        """Close the tracking writers, let go of the run folder (the process's end would) and of
+        the DDP wrapper, which holds the process group: a group left alive until the
+        interpreter's own teardown can abort the process as its threads are destroyed."""
         self.tracking.close()
         if self.lock is not None:
             self.lock.release()
+        if hasattr(self, "forward_model"):  # set once setup has succeeded
+            self.forward_model = self.model
