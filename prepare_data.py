@@ -133,13 +133,18 @@ def check_bpe_vocab(vocab_size: int) -> None:
                         f"uint16 ids), got {vocab_size}", exit_code=2)
 
 
-def train_bpe(train_text: str, requested, name: str) -> BPETokenizer:
+def bpe_vocab_wanted(args) -> int:
+    """--bpe-vocab, or the default size when it is not given."""
+    return args.bpe_vocab or DEFAULT_BPE_VOCAB
+
+
+def train_bpe(train_text: str, args, name: str) -> BPETokenizer:
     """A byte-level BPE learned from the train split: of exactly --bpe-vocab tokens when given
     (refused if the text cannot fill it), else of the default size or as many as the text fills."""
-    vocab_size = requested or DEFAULT_BPE_VOCAB
+    vocab_size = bpe_vocab_wanted(args)
     tokenizer = BPETokenizer.train(text_chunks(train_text), vocab_size)
     filled = tokenizer.vocab_size
-    if filled < vocab_size and requested:
+    if filled < vocab_size and args.bpe_vocab:
         raise UserError(f"the train split of {name} fills a BPE of only {filled} tokens (no pair "
                         f"of tokens is left to merge); use --bpe-vocab {filled} or less, or a "
                         "longer text", exit_code=2)
@@ -163,7 +168,7 @@ def prepare(args) -> dict:
         check_bpe_vocab(args.bpe_vocab)
     ensure_writable_dirs(args.out_dir)
     for folder in (args.out_dir / "char", args.out_dir / "gpt2",
-                   args.out_dir / data_folder_name("bpe", args.bpe_vocab or DEFAULT_BPE_VOCAB)):
+                   args.out_dir / data_folder_name("bpe", bpe_vocab_wanted(args))):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} is a file, but the splits go in a folder of that name; "
                             "move it away or choose another --out-dir")
@@ -179,7 +184,7 @@ def prepare(args) -> dict:
         raise UserError(f"{name} has {char_tok.vocab_size} distinct characters, more than "
                         "uint16 ids can hold; use a smaller alphabet")
     gpt2_tok = GPT2Tokenizer()
-    bpe_tok = train_bpe(train_text, args.bpe_vocab, name)
+    bpe_tok = train_bpe(train_text, args, name)
     bpe_name = data_folder_name("bpe", bpe_tok.vocab_size)
     bpe_file = bpe_tok.to_hf_json().encode("utf-8")
     # name -> (the folder's tokenizer name, encode, its meta, files beside the bins)
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
         if stale != bpe["source_sha256"]:
             print(f"note: {other.parent} holds another text's BPE; prepare that size again "
                   f"(--bpe-vocab) or move it away before training on it")
-    if bpe["vocab_size"] < (args.bpe_vocab or DEFAULT_BPE_VOCAB):
+    if bpe["vocab_size"] < bpe_vocab_wanted(args):
         print(f"note: the train split fills a BPE of only {bpe['vocab_size']:,} tokens, not "
               f"{DEFAULT_BPE_VOCAB:,}; train the GPT on it with --data-dir "
               f"{args.out_dir / data_folder_name('bpe', bpe['vocab_size'])}")

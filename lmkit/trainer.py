@@ -217,7 +217,8 @@ class Trainer:
                             f"({len(self.val_tokens)} tokens); use --block-size "
                             f"{len(self.val_tokens) - 1} or less, or a longer text")
         # The val loss averages over every token but the first: count the characters it covers.
-        first = tokenizer_from_meta(self.meta).decode([int(self.val_tokens[0])])
+        self.tokenizer = tokenizer_from_meta(self.meta)  # built once: samples decode with it
+        first = self.tokenizer.decode([int(self.val_tokens[0])])
         self.val_target_chars = max(1, self.meta["n_val_chars"] - len(first))
 
     def _build_model_and_optimizer(self) -> None:
@@ -464,14 +465,13 @@ class Trainer:
     def sample_text(self, n_tokens: int) -> str:
         """n_tokens generated from the start token, always from the same seed (so samples at
         different steps differ by the model only); the training's random state is untouched."""
-        tokenizer = tokenizer_from_meta(self.meta)
-        idx = torch.tensor([start_ids(tokenizer)], device=self.device)
+        idx = torch.tensor([start_ids(self.tokenizer)], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.model.eval()
         out = generate(self.model, idx, n_tokens, top_k=self.family.default_top_k,
                        generator=generator, vocab_size=self.meta["vocab_size"])
         self.model.train()
-        return tokenizer.decode(out[0, 1:].tolist())
+        return self.tokenizer.decode(out[0, 1:].tolist())
 
     def _eval_sample(self):
         """The sample an evaluation logs or shows; None when nothing asks for one."""
