@@ -151,40 +151,61 @@ def remove_stale_temp_files(folder) -> None:
 
 
 class RunLock:
-    """Ownership of a run's folder while a process trains it: an exclusive lock on a .lock
-    file that the operating system drops when the process ends, however it ends."""
+    """Ownership of a folder while a process writes it (a run's checkpoints, a data folder): an
+    exclusive lock on a lock file that the operating system drops when the process ends, however
+    it ends."""
 
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
+    def __init__(self, folder: Path, name: str = ".lock"):
+        self.path = Path(folder) / name
         self.file = None
 
-    def acquire(self, what: str) -> None:
+    def acquire(self, what: str, elsewhere: str = "choose another --run") -> None:
         """Take the lock, or refuse at once with one sentence naming the process that holds it."""
         ensure_writable_dirs(self.path.parent)
-        self.file = _open_lock_file(self.path)
-        if not _try_lock(self.file):
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            self.file = None
-            raise UserError(f"{what} is in use by {holder}; wait for it to finish, stop it, or "
-                            "choose another --run")
+        while True:
+            self.file = _open_lock_file(self.path)
+            if not _try_lock(self.file):
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                self.file = None
+                raise UserError(f"{what} is in use by {holder}; wait for it to finish, stop it, "
+                                f"or {elsewhere}")
+            if _same_file(self.file, self.path):
+                break
+            self.file.close()  # locked a file its holder removed on release: take the new one
         self.file.seek(0)
         self.file.truncate()  # ours now: a plain file, locked by this process
-        self.file.write(f"process {os.getpid()}")
-        self.file.flush()
+        try:  # unbuffered, so that a full disk leaves nothing pending: the lock holds anyway
+            os.write(self.file.fileno(), f"process {os.getpid()}".encode())
+        except OSError:
+            pass
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Let go of the lock; remove: delete the lock file too (while still holding it, so that
+        no other process can hold the old file and a new one at once)."""
         if self.file is not None:
+            if remove:
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:  # Windows keeps an open file; the next process takes it over
+                    pass
             self.file.close()  # closing drops the lock
             self.file = None
+
+
+def _same_file(f, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path, follow_symlinks=False))
+    except OSError:
+        return False
 
 
 def _open_lock_file(path: Path):
     """The lock file, opened for reading and writing without following a symlink (a .lock
     planted to point at another file must not get that file truncated) and without changing it."""
     refusal = (f"{path} is not a plain file (a symbolic link, a folder or a device); remove it "
-               "and run again: it only marks which process is training the run")
+               "and run again: it only marks which process is using the folder")
     no_follow = getattr(os, "O_NOFOLLOW", 0)
     if not no_follow and path.is_symlink():  # a system without O_NOFOLLOW: check by name first
         raise UserError(refusal)
