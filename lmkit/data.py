@@ -1,6 +1,9 @@
-"""Token data for training: memmapped splits, seeded random batches, whole-split val windows."""
+"""Token data for training: checked splits read by offset, seeded random batches, whole-split val
+windows."""
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,14 @@ BPE_FILE = "tokenizer.json"  # a BPE data folder's tokenizer, beside its bins
 # The BPE size a plain `python prepare_data.py` trains, and so the GPT's default data: the best
 # val bits per character at a fixed training time on a 2-core CPU (docs/tokenizer.md).
 DEFAULT_BPE_VOCAB = 1024
+SPLITS = ("train", "val")
+SPLIT_DTYPE = np.dtype("<u2")  # the bins hold little-endian uint16 ids
+SCAN_BYTES = 1 << 23  # a bin is checked in pieces of this size
+
+
+def split_sha256_key(split: str) -> str:
+    """The meta.json field that pins a bin's content (folders prepared before it lack it)."""
+    return f"{split}_sha256"
 
 
 def data_folder_name(tokenizer: str, vocab_size: int) -> str:
@@ -82,11 +93,19 @@ def load_bpe(data_dir: Path, meta: dict) -> BPETokenizer:
     return tokenizer
 
 
+def _is_sha256(value) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
 def _meta_is_sound(meta) -> bool:
     counts = ("vocab_size", "n_train_tokens", "n_val_tokens", "n_train_chars", "n_val_chars")
     if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2", "bpe"):
         return False
     if not all(isinstance(meta.get(k), int) and meta[k] >= 1 for k in counts):
+        return False
+    pins = [split_sha256_key(split) for split in SPLITS]
+    if not all(_is_sha256(meta[pin]) for pin in pins if pin in meta):
         return False
     if meta["tokenizer"] == "gpt2":
         return meta["vocab_size"] == GPT2_VOCAB_SIZE
@@ -98,22 +117,116 @@ def _meta_is_sound(meta) -> bool:
             and all(isinstance(c, str) and len(c) == 1 for c in chars))
 
 
-def load_split(data_dir, split: str, meta: dict) -> np.ndarray:
+def load_split(data_dir, split: str, meta: dict) -> "TokenFile":
+    """A split's bin, opened and checked against meta.json: its size, its sha256 (when meta.json
+    pins one) and its largest id. The run then reads it through the file kept open here."""
     path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise UserError(f"{path} is missing; run `python prepare_data.py` first")
-    expected, size = meta[f"n_{split}_tokens"], path.stat().st_size
-    if size % 2:
-        raise UserError(f"{path} is {size} bytes, not a whole number of 2-byte tokens (damaged "
-                        "or not written by prepare_data.py); run `python prepare_data.py` again")
-    if size != 2 * expected:  # load_meta already checked expected >= 1
-        raise UserError(f"{path} holds {size // 2} tokens but meta.json says "
-                        f"{expected}; run `python prepare_data.py` again")
-    tokens = np.memmap(path, dtype="<u2", mode="r")
-    if int(tokens.max()) >= meta["vocab_size"]:
-        raise UserError(f"{path} holds token ids beyond meta.json's vocabulary of "
-                        f"{meta['vocab_size']}; run `python prepare_data.py` again")
+    again = "run `python prepare_data.py` again"
+    file = _open_bin(path)
+    try:
+        expected, size = meta[f"n_{split}_tokens"], os.fstat(file.fileno()).st_size
+        if size % 2:
+            raise UserError(f"{path} is {size} bytes, not a whole number of 2-byte tokens "
+                            f"(damaged or not written by prepare_data.py); {again}")
+        if size != 2 * expected:  # load_meta already checked expected >= 1
+            raise UserError(f"{path} holds {size // 2} tokens but meta.json says "
+                            f"{expected}; {again}")
+        tokens = TokenFile(path, file, expected)
+        digest, largest = tokens.scan()
+        pinned = meta.get(split_sha256_key(split))
+        if pinned is not None and digest != pinned:
+            raise UserError(f"{path} is not the {split} split its meta.json describes (same "
+                            "size, other content: a bin from another preparation or another "
+                            f"folder); {again}")
+        if largest >= meta["vocab_size"]:
+            raise UserError(f"{path} holds token ids beyond meta.json's vocabulary of "
+                            f"{meta['vocab_size']}; {again}")
+    except BaseException:
+        file.close()
+        raise
     return tokens
+
+
+def _open_bin(path: Path):
+    """The bin opened for reading; a missing file, a folder, a FIFO or a device is refused
+    (opened without waiting, as a FIFO's open would wait for a writer)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"{path} is missing; run `python prepare_data.py` first") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); run `python prepare_data.py` "
+                        "again") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file; run `python prepare_data.py` again")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _read_at(file, n_bytes: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(file.fileno(), n_bytes, offset)
+    file.seek(offset)  # Windows: no pread, and one thread reads
+    return file.read(n_bytes)
+
+
+class TokenFile:
+    """A split's tokens, read on demand from a file kept open, by offset. Not memmapped: a mapped
+    file that shrinks under a process kills it with a bus error. Every read checks that the file
+    still has the size and modification time it had when opened, so a bin truncated, grown or
+    rewritten in place during a run stops it with one sentence. A bin replaced by rename (as
+    prepare_data.py writes) goes unnoticed: the run keeps reading the file it opened and checked."""
+
+    def __init__(self, path: Path, file, n_tokens: int):
+        self.path = path
+        self.file = file
+        self.n_tokens = n_tokens
+        self.stamp = self._stamp()
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.windows(np.array([index]), 1)[0, 0])
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """A len(starts) x length array: the `length` tokens from each start offset."""
+        n_bytes = length * SPLIT_DTYPE.itemsize
+        rows = [_read_at(self.file, n_bytes, int(start) * SPLIT_DTYPE.itemsize) for start in starts]
+        if self._stamp() != self.stamp or any(len(row) != n_bytes for row in rows):
+            raise self._changed()
+        return np.frombuffer(b"".join(rows), dtype=SPLIT_DTYPE).reshape(len(starts), length)
+
+    def scan(self) -> tuple:
+        """The sha256 of the whole file and its largest id, read in pieces."""
+        digest, largest, offset = hashlib.sha256(), 0, 0
+        while offset < self.n_tokens * SPLIT_DTYPE.itemsize:
+            piece = _read_at(self.file, SCAN_BYTES, offset)
+            if not piece or len(piece) % SPLIT_DTYPE.itemsize:
+                raise self._changed()
+            digest.update(piece)
+            largest = max(largest, int(np.frombuffer(piece, dtype=SPLIT_DTYPE).max()))
+            offset += len(piece)
+        if self._stamp() != self.stamp:
+            raise self._changed()
+        return digest.hexdigest(), largest
+
+    def _stamp(self) -> tuple:
+        info = os.fstat(self.file.fileno())
+        return info.st_size, info.st_mtime_ns
+
+    def _changed(self) -> UserError:
+        size, was = self._stamp()[0], self.stamp[0]
+        if size < was:
+            how = f"it is now {size:,} bytes, cut from {was:,}"
+        elif size > was:
+            how = f"it grew from {was:,} to {size:,} bytes"
+        else:
+            how = "it was rewritten in place"
+        return UserError(f"{self.path} changed while this process was reading it ({how}); "
+                         "stopped without saving (the last checkpoint saved is kept): run "
+                         "`python prepare_data.py` again, then continue with --resume")
 
 
 class BatchSampler:
@@ -124,7 +237,7 @@ class BatchSampler:
     then the same for any number of processes, and resuming with another count stays exact.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+    def __init__(self, tokens: TokenFile, block_size: int, batch_size: int, seed: int):
         if len(tokens) < block_size + 1:
             raise UserError(f"the training split has {len(tokens)} tokens, fewer than "
                             f"--block-size {block_size} + 1; use a smaller --block-size or more text")
@@ -132,14 +245,13 @@ class BatchSampler:
         self.block_size = block_size
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.offsets = np.arange(block_size + 1)
 
     def _draw_starts(self) -> np.ndarray:
         return torch.randint(len(self.tokens) - self.block_size, (self.batch_size,),
                              generator=self.generator).numpy()
 
     def _batch(self, starts: np.ndarray, device) -> tuple:
-        batch = to_device(self.tokens[starts[:, None] + self.offsets], device)
+        batch = to_device(self.tokens.windows(starts, self.block_size + 1), device)
         return batch[:, :-1], batch[:, 1:]
 
     def next_batch(self, device) -> tuple:
@@ -158,20 +270,18 @@ class BatchSampler:
         self.generator.set_state(state)
 
 
-def eval_windows(tokens: np.ndarray, block_size: int) -> list:
+def eval_windows(tokens: TokenFile, block_size: int) -> list:
     """Start offsets and lengths of consecutive non-overlapping windows covering every target."""
     n_targets = len(tokens) - 1
     return [(start, min(block_size, n_targets - start)) for start in range(0, n_targets, block_size)]
 
 
-def window_batches(tokens: np.ndarray, windows: list, batch_size: int, device: torch.device):
+def window_batches(tokens: TokenFile, windows: list, batch_size: int, device: torch.device):
     """Yield (x, y) batches of equal-length windows, in order."""
     by_length = {}
     for start, length in windows:
         by_length.setdefault(length, []).append(start)
     for length, starts in by_length.items():
-        offsets = np.arange(length + 1)
         for i in range(0, len(starts), batch_size):
-            chunk = np.asarray(starts[i:i + batch_size])
-            batch = to_device(tokens[chunk[:, None] + offsets], device)
+            batch = to_device(tokens.windows(starts[i:i + batch_size], length + 1), device)
             yield batch[:, :-1], batch[:, 1:]

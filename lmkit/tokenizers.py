@@ -4,7 +4,8 @@ by tiktoken)."""
 import hashlib
 import importlib.util
 import json
-from functools import lru_cache
+import sys
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ ENDOFTEXT = "<|endoftext|>"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 BYTE_TOKENS = 256     # a byte-level BPE starts from one token per byte
 MAX_TOKEN_ID = 65535  # the prepared splits store ids as uint16
+BPE_TRAIN_PIECES = 8  # text pieces rustbpe holds at once while it learns (its default: 8,192)
 
 
 def gpt2_files():
@@ -95,7 +97,18 @@ class CharTokenizer:
         return [self.stoi[c] for c in text]
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.fromiter((self.stoi[c] for c in text), dtype=np.uint16, count=len(text))
+        """The ids of a text of known characters as uint16, through a table indexed by code point
+        (tens of times faster than a dict on the long texts prepare_data.py encodes)."""
+        ids = self._id_table[np.frombuffer(text.encode("utf-32-le"), dtype="<u4")]
+        if ids.size and ids.min() < 0:
+            raise KeyError(self.unknown_chars(text)[0])
+        return ids.astype(np.uint16)
+
+    @cached_property
+    def _id_table(self) -> np.ndarray:
+        table = np.full(sys.maxunicode + 1, -1, dtype=np.int32)
+        table[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+        return table
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -193,14 +206,16 @@ class BPETokenizer:
     @classmethod
     def train(cls, pieces, vocab_size: int) -> "BPETokenizer":
         """Learn up to vocab_size - 256 merges from an iterable of text pieces (rustbpe: parallel,
-        and it stops early when no pair is left to merge)."""
+        and it stops early when no pair is left to merge). The pieces are taken a few at a time,
+        so a text larger than memory can stream through."""
         try:
             import rustbpe
         except ImportError:
             raise UserError("training a BPE needs the rustbpe package; run "
                             "`pip install -r requirements.txt`") from None
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(pieces, vocab_size, pattern=GPT2_PATTERN)
+        trainer.train_from_iterator(pieces, vocab_size, buffer_size=BPE_TRAIN_PIECES,
+                                    pattern=GPT2_PATTERN)
         ranked = sorted(trainer.get_mergeable_ranks(), key=lambda pair: pair[1])
         return cls(merges_from_token_bytes([token for token, _ in ranked]))
 

@@ -359,11 +359,19 @@ def test_too_many_distinct_characters_fails_cleanly(tmp_path):
 # ---------------------------------------------------------------- chunked encoding
 
 
+def chunks_of(text: str) -> list:
+    return list(prepare_data.text_chunks([text], len(text)))
+
+
+def encoded_in_chunks(text: str, encode_chunk) -> list:
+    return [int(i) for chunk in chunks_of(text) for i in encode_chunk(chunk)]
+
+
 def test_text_chunks_cut_only_at_safe_newlines(monkeypatch):
     """text_chunks pieces join back to the text and each one ends at a non-space + newline."""
     monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 40)
     text = make_text(200, seed=1)
-    chunks = list(prepare_data.text_chunks(text))
+    chunks = chunks_of(text)
     assert len(chunks) > 10
     assert "".join(chunks) == text
     for piece, nxt in zip(chunks, chunks[1:]):
@@ -378,11 +386,11 @@ def test_chunked_encoding_matches_whole_on_awkward_text(monkeypatch):
               "Romeo", "thee", ",", ".", ":", "!", "?", "-", "\r\n", "x"]
     text = "".join(rng.choice(pieces) for _ in range(20_000))
     monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 64)
-    assert len(list(prepare_data.text_chunks(text))) > 50
+    assert len(chunks_of(text)) > 50
     gpt2 = GPT2Tokenizer()
     char = CharTokenizer.from_text(text)
-    assert prepare_data.encode(text, gpt2.encode, "gpt2").tolist() == gpt2.encode(text)
-    assert prepare_data.encode(text, char.encode_array, "char").tolist() == char.encode(text)
+    assert encoded_in_chunks(text, gpt2.encode) == gpt2.encode(text)
+    assert encoded_in_chunks(text, char.encode_array) == char.encode(text)
 
 
 def test_chunked_encoding_matches_whole_on_real_corpus(tmp_path, monkeypatch, real_corpus,
@@ -391,7 +399,7 @@ def test_chunked_encoding_matches_whole_on_real_corpus(tmp_path, monkeypatch, re
     text = real_corpus.read_text(encoding="utf-8")
     n_train = int(len(text) * 0.9)
     monkeypatch.setattr(prepare_data, "CHUNK_CHARS", 10_000)
-    assert len(list(prepare_data.text_chunks(text[:n_train]))) > 50
+    assert len(chunks_of(text[:n_train])) > 50
     out = tmp_path / "chunked"
     assert prepare("--input", real_corpus, "--out-dir", out) == 0
     assert split_bytes(out) == split_bytes(real_prepared)
@@ -413,6 +421,27 @@ def assert_tiny_shakespeare_splits(out: Path) -> None:
     for tok, meta in (("char", char), ("gpt2", gpt2)):
         assert (out / tok / "train.bin").stat().st_size == 2 * meta["n_train_tokens"]
         assert (out / tok / "val.bin").stat().st_size == 2 * meta["n_val_tokens"]
+
+
+# The bins prepare_data.py wrote for Tiny Shakespeare when it still held the text whole: reading
+# it in pieces must not change a byte.
+TS_BIN_SHA256 = {
+    "char/train.bin": "6ec305602a99ac2802745a134e1f5e33e2231b4855525b00b9aebb730ac2626f",
+    "char/val.bin": "d37d30cc0c8327c270d493299c3dca54135f6d5f1c9ef60cda78076e311204b1",
+    "gpt2/train.bin": "502a2bdc8210d1ac5d5674867cb74467dd31db575d25cf6dbb08c8bdbea8680f",
+    "gpt2/val.bin": "68a53422394c26a655ebe641f5c6f49888e8f4e45fe5d6f02abda63ba3ebd65b",
+    "bpe1024/train.bin": "6e829c96c374e8db308aef0ad6a2b420ea44ea28058077347717b6ba019db79c",
+    "bpe1024/val.bin": "f5f42104ae5f56558ea995c9aa85198939458e88a59200487b307ce7da4a8bb7",
+    "bpe1024/tokenizer.json": "6276c2caec08a65bf6c815799993eca3b369456fba6ba040923aac5c20a1fbae",
+}
+
+
+def test_real_corpus_bins_are_the_ones_whole_text_preparation_wrote(real_prepared):
+    for name, digest in TS_BIN_SHA256.items():
+        assert hashlib.sha256((real_prepared / name).read_bytes()).hexdigest() == digest, name
+        folder, split = name.split("/")
+        if split.endswith(".bin"):
+            assert read_meta(real_prepared, folder)[f"{split[:-4]}_sha256"] == digest
 
 
 def test_real_corpus_counts(real_prepared, real_corpus):
