@@ -243,7 +243,22 @@ def _counters_problem(state: dict):
             isinstance(point, list) and len(point) == 2 and _is_count(point[0])
             and _is_number(point[1]) for point in curve):
         return "its loss curve is not a list of [step, loss] pairs"
+    if "rank_states" in state and not _rank_states_fit(state["rank_states"]):
+        return "its processes' random states are not those of a CPU random generator"
     return _train_config_problem(state.get("train_config", {}))
+
+
+def _rank_states_fit(ranks) -> bool:
+    """Each process's batch and dropout generator states (lmkit.trainer.checkpoint_state): a
+    CPU generator's state is a byte tensor of one size, and torch refuses any other."""
+    size = torch.Generator().get_state().shape
+
+    def cpu_state(t):
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == size
+
+    return isinstance(ranks, list) and len(ranks) > 0 and all(
+        isinstance(r, dict) and cpu_state(r.get("sampler")) and isinstance(r.get("rng"), dict)
+        and cpu_state(r["rng"].get("cpu")) for r in ranks)
 
 
 def _train_config_problem(train_config):

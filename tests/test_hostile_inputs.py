@@ -171,6 +171,8 @@ CHECKPOINT_CASES = {  # name: (command, how the checkpoint is spoiled, words the
                              lambda s: s["train_config"].__setitem__("eval_iters", 2 ** 64),
                              "eval_iters"),
     "optimizer moment of another shape": ("resume", wrong_moment, "optimizer's exp_avg"),
+    "random state of another size": ("resume", lambda s: s["rank_states"][0].__setitem__(
+        "sampler", torch.zeros(3, dtype=torch.uint8)), "random states"),
 }
 
 
