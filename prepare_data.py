@@ -40,7 +40,8 @@ from tqdm import tqdm
 from lmkit.data import (BPE_FILE, DEFAULT_BPE_VOCAB, SPLIT_DTYPE, SPLITS, data_folder_name,
                         split_sha256_key)
 from lmkit.errors import UserError, run_main
-from lmkit.files import RunLock, _fsync_dir, _umask, atomic_write_bytes, ensure_writable_dirs
+from lmkit.files import (TEMP_NAME_EXTRA, RunLock, _fsync_dir, _umask, atomic_write_bytes,
+                         check_path_fits, ensure_writable_dirs)
 from lmkit.process import protect_console
 from lmkit.tokenizers import BYTE_TOKENS, MAX_TOKEN_ID, BPETokenizer, CharTokenizer, GPT2Tokenizer
 
@@ -501,6 +502,11 @@ def prepare_text(text: TextFile, args) -> dict:
 def main(argv=None) -> int:
     protect_console()  # a closed pipe must not stop the preparation; the files hold the result
     args = parse_args(argv)
+    if args.input is not None:
+        check_path_fits(args.input, "no file has such a name: check --input")
+    # the longest name written in it: a BPE's tokenizer file, under its temp name
+    check_path_fits(args.out_dir, "choose a shorter --out-dir",
+                    room=len(f"bpe{MAX_TOKEN_ID + 1}/{BPE_FILE}") + TEMP_NAME_EXTRA)
     t0 = time.time()
     metas = prepare(args)
     first = next(iter(metas.values()))

@@ -1,11 +1,14 @@
 """Checkpoints: written atomically, read with weights_only=True, brought up to today's format
 (upgrade, the one place that reads the format version) and checked before use."""
+import math
 import pickle
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from lmkit.config import INT64_LIMIT, MAX_SIZES, TrainConfig, size_problem
+from lmkit.device import check_fits, model_shapes
 from lmkit.errors import UserError
 from lmkit.files import REPO_ROOT, RunPaths, atomic_write, check_run_name
 
@@ -33,12 +36,15 @@ def _sibling_hint(path: Path) -> str:
     return ""
 
 
-def load_checkpoint(path, config_cls=None) -> dict:
-    """Load a checkpoint as plain tensors and containers, refuse anything else, and upgrade it
-    (config_cls: the model config the caller builds from it; see upgrade)."""
+def load_checkpoint(path, family=None) -> dict:
+    """Load a checkpoint as plain tensors and containers, refuse anything else, and upgrade it.
+    Given the model family that reads it (lmkit.family), a checkpoint of that family is checked
+    too (check_state): its model config, weights and counters must make that model."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    check_fits(path.stat().st_size, f"loading {path}",
+               "load it on a machine with more memory, or free some")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -54,7 +60,10 @@ def load_checkpoint(path, config_cls=None) -> dict:
     if not isinstance(state, dict):
         raise UserError(f"{path} is a PyTorch file but not a checkpoint of this project"
                         f"{_sibling_hint(path)}")
-    return upgrade(state, path, config_cls)
+    state = upgrade(state, path, family.config_cls if family is not None else None)
+    if family is not None and state["kind"] == family.kind:  # another kind: the caller says so
+        check_state(state, path, family)
+    return state
 
 
 def upgrade(state: dict, path, config_cls=None) -> dict:
@@ -78,6 +87,9 @@ def upgrade(state: dict, path, config_cls=None) -> dict:
         raise UserError(f"{path} is a PyTorch file but not a checkpoint of this project"
                         f"{_sibling_hint(path)}")
     model_config = state["model_config"]
+    if not isinstance(model_config, dict) or not isinstance(state["kind"], str):
+        raise UserError(f"{path} is a PyTorch file but not a checkpoint of this project"
+                        f"{_sibling_hint(path)}")
     used = [flag for name, flag in RETIRED_OPTIONS.items() if model_config.get(name)]
     if used:
         raise UserError(f"{path} was trained with {' and '.join(used)}, an option this version "
@@ -112,9 +124,10 @@ def find_checkpoint(checkpoint, run: str, out_dir: Path, kind: str) -> Path:
 
 
 def load_checkpoint_of(family, path: Path, command: str) -> dict:
-    """The checkpoint at path, refused unless it is this family's and its weights are finite;
-    command ("sample" or "export") names the script in the messages."""
-    state = load_checkpoint(path)
+    """The checkpoint at path, refused unless it is this family's, makes its model (check_state)
+    and its weights are finite; command ("sample" or "export") names the script in the
+    messages."""
+    state = load_checkpoint(path, family)
     if state["kind"] != family.kind:
         raise UserError(f"{path} is a {state['kind']} checkpoint; {command} it with "
                         f"`python {state['kind']}/{command}.py`")
@@ -122,3 +135,148 @@ def load_checkpoint_of(family, path: Path, command: str) -> dict:
         raise UserError(f"{path} holds NaN or infinite weights; {command} another checkpoint or "
                         "train again")
     return state
+
+
+# ---- the contents, checked before a model is built from them ----------------------------------
+
+def check_state(state: dict, path: Path, family) -> None:
+    """Refuse, in one sentence naming the file, a checkpoint whose model config, weights or
+    counters cannot be the family's model and its run: a size that is not a whole number in
+    range (lmkit.config.MAX_SIZES), a tensor missing or of another shape, a step that is not a
+    count. Nothing is allocated: the model's shapes come from its config alone."""
+    problem = (_config_problem(state["model_config"], family.config_cls)
+               or _weights_problem(state["model"], family, state["model_config"])
+               or _counters_problem(state))
+    if problem:
+        raise _damaged(path, problem)
+
+
+def load_optimizer_state(optimizer, saved, path: Path) -> None:
+    """optimizer.load_state_dict(saved), refused in one sentence unless the saved state fits the
+    optimizer's parameters: torch checks only how many there are, and a moment of another shape
+    would fail at the first step."""
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError):
+        raise _damaged(path, "its optimizer state does not fit the model") from None
+    for param, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise _damaged(path, f"its optimizer's {name} of shape {tuple(value.shape)} "
+                                     f"belongs to no weight of shape {tuple(param.shape)}")
+
+
+def _damaged(path: Path, problem: str) -> UserError:
+    other = path.with_name(SIBLINGS.get(path.name, "last.pt"))
+    fix = (f"use {other}, which also exists, or train again" if other != path and other.is_file()
+           else "train again, or load another checkpoint")
+    return UserError(f"{path} is damaged or was not written by this project ({problem}); {fix}")
+
+
+def _config_problem(config: dict, config_cls):
+    known = {f.name: f for f in fields(config_cls)}
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        return f"its model has an option this version does not know: {unknown[0]}"
+    for name, f in known.items():
+        value = config[name]
+        if name in MAX_SIZES:
+            problem = size_problem(name, value)
+        elif f.type is bool:
+            problem = None if type(value) is bool else f"{value!r} is not true or false"
+        else:  # the dropout probability
+            problem = (None if type(value) in (int, float) and 0 <= value < 1
+                       else f"{value!r} is not a probability below 1")
+        if problem:
+            return f"its model's {name} {problem}"
+    if config["n_embd"] % config["n_head"]:
+        return f"its n_embd {config['n_embd']} is not divisible by its n_head {config['n_head']}"
+    if config.get("rotary") and config["n_embd"] // config["n_head"] % 2:
+        return "its rotary model has an odd head size"
+    return None
+
+
+def _weights_problem(weights, family, config: dict):
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor)
+                                                for t in weights.values()):
+        return "its weights are not a dictionary of tensors"
+    shapes, _ = model_shapes(family.model_cls, family.config_cls(**config))
+    missing, extra = sorted(shapes.keys() - weights.keys()), sorted(weights.keys() - shapes.keys())
+    if missing or extra:
+        return (f"{'it lacks the weight' if missing else 'it has an unexpected weight'} "
+                f"{(missing or extra)[0]} for the model its config describes")
+    for name, shape in shapes.items():
+        tensor = weights[name]
+        if tuple(tensor.shape) != shape:
+            return (f"its weight {name} has shape {tuple(tensor.shape)}, but its config makes "
+                    f"{shape}")
+        if not tensor.is_floating_point():
+            return f"its weight {name} holds {tensor.dtype} values"
+    return None
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and 0 <= value < INT64_LIMIT
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float) and not math.isnan(value)
+
+
+def _counters_problem(state: dict):
+    """The run's counters: sampling reads the step and the last evaluation; --resume reads the
+    rest, when the checkpoint has them (lmkit.trainer.RESUME_KEYS)."""
+    if not _is_count(state["step"]):
+        return f"its step {state['step']!r} is not a count from 0 to 2**63 - 1"
+    if "tokens_seen" in state and not _is_count(state["tokens_seen"]):
+        return f"its tokens_seen {state['tokens_seen']!r} is not a count"
+    for key in ("elapsed_s", "best_val_loss"):
+        if key in state and not _is_number(state[key]):
+            return f"its {key} {state[key]!r} is not a number"
+    metrics = state["metrics"]
+    if not isinstance(metrics, list) or not all(
+            isinstance(row, dict) and _is_count(row.get("step")) and _is_number(row.get("val_loss"))
+            for row in metrics):
+        return "its metrics are not a list of evaluations, each with its step and val loss"
+    curve = state.get("loss_curve", [])
+    if not isinstance(curve, list) or not all(
+            isinstance(point, list) and len(point) == 2 and _is_count(point[0])
+            and _is_number(point[1]) for point in curve):
+        return "its loss curve is not a list of [step, loss] pairs"
+    if "rank_states" in state and not _rank_states_fit(state["rank_states"]):
+        return "its processes' random states are not those of a CPU random generator"
+    return _train_config_problem(state.get("train_config", {}))
+
+
+def _rank_states_fit(ranks) -> bool:
+    """Each process's batch and dropout generator states (lmkit.trainer.checkpoint_state): a
+    CPU generator's state is a byte tensor of one size, and torch refuses any other."""
+    size = torch.Generator().get_state().shape
+
+    def cpu_state(t):
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == size
+
+    return isinstance(ranks, list) and len(ranks) > 0 and all(
+        isinstance(r, dict) and cpu_state(r.get("sampler")) and isinstance(r.get("rng"), dict)
+        and cpu_state(r["rng"].get("cpu")) for r in ranks)
+
+
+def _train_config_problem(train_config):
+    """The training settings --resume takes the values of flags left out from. Their ranges are
+    lmkit.config.validate's to check, as a flag's; here, each must be of its flag's type."""
+    if not isinstance(train_config, dict):
+        return "its training settings are not a dictionary"
+    for f in fields(TrainConfig):
+        if f.name not in train_config:
+            continue
+        value = train_config[f.name]
+        if f.type is int:
+            ok = type(value) is int and abs(value) < INT64_LIMIT
+        elif f.type is float:
+            ok = type(value) in (int, float)
+        else:  # bool, str
+            ok = type(value) is f.type
+        if not ok:
+            return (f"its training setting {f.name} {value!r} cannot be a value of --"
+                    f"{f.name.replace('_', '-')}")
+    return None

@@ -107,6 +107,28 @@ MODEL_HELP = {
                "gains)",
 }
 
+# The largest architecture a model config may ask for, by flag, in a checkpoint or in a Hugging
+# Face config.json: far beyond any model this project trains (GPT-3 has 96 layers of width
+# 12,288), and small enough that every tensor's size fits in 64 bits and a config is checked in
+# an instant. The memory check (lmkit.device) refuses the sizes in between that a machine cannot
+# hold.
+MAX_SIZES = {"vocab_size": 2 ** 24, "block_size": 2 ** 24, "n_layer": 2 ** 12, "n_head": 2 ** 16,
+             "n_embd": 2 ** 16}
+INT64_LIMIT = 2 ** 63  # counts (steps, iterations, seeds) stay below it: torch keeps them in int64
+
+
+def size_problem(name: str, value):
+    """What is wrong with value as the model size `name` (a key of MAX_SIZES), or None: a size is
+    a whole number (not a bool, a float or a string) from 1 to its limit."""
+    if type(value) is not int:
+        return f"{value!r} is not a whole number"
+    if value < 1:
+        return f"{value} is below 1"
+    if value > MAX_SIZES[name]:
+        return f"{value:,} is beyond the largest this project builds, {MAX_SIZES[name]:,}"
+    return None
+
+
 # torchrun's own parser takes a script's "--run" for an abbreviation of its "--run-path";
 # "--run-name" gets through it.
 ALIASES = {"run": ("--run-name",)}
@@ -203,6 +225,13 @@ def validate(cfg: TrainConfig, model_values: dict) -> None:
               **{k: model_values[k] for k in ("block_size", "n_layer", "n_head", "n_embd")}}
     for name, value in counts.items():
         need(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name, limit in MAX_SIZES.items():
+        value = model_values.get(name, 1)
+        need(value <= limit, f"--{name.replace('_', '-')} must be at most {limit:,}, got {value:,}")
+    whole_numbers = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.type is int}
+    for name, value in whole_numbers.items():
+        need(abs(value) < INT64_LIMIT, f"--{name.replace('_', '-')} must be below 2**63, got "
+                                       f"{value}")
     need(model_values["n_embd"] % model_values["n_head"] == 0,
          f"--n-embd {model_values['n_embd']} is not divisible by --n-head "
          f"{model_values['n_head']}; pick sizes where it is (for example --n-embd 384 --n-head 6)")

@@ -1,7 +1,8 @@
 """Everything device-specific: choosing a device, precision, transfers, RNG state, processes."""
 import contextlib
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -232,27 +233,76 @@ class RandomStream:
         self.state.update({k: v for k, v in state.items() if k in self.state})
 
 
-def check_fits_in_memory(model_cls, config, batch_size: int) -> None:
-    """Refuse a CPU run that cannot fit before it allocates: past the machine's memory the
-    kernel's OOM killer ends the process with no message and nothing saved. The estimate is
-    a lower bound: weights, gradients and AdamW's two moments (16 bytes a parameter), and
-    about 17 saved activations of width n_embd per token and layer for the backward pass."""
-    available = available_memory_bytes()
-    if available is None:
+# ---- memory: what a model or a run needs, checked before anything is allocated --------------
+
+def model_shapes(model_cls, config) -> tuple:
+    """(the shape of every tensor in the model's state_dict, by name; its number of parameters)
+    from the config alone: built on the meta device, so nothing is allocated, and with one
+    block, whose tensors the others repeat, so a config that claims thousands of layers is
+    measured as fast as one."""
+    with torch.device("meta"):
+        model = model_cls(replace(config, n_layer=1))
+    shapes, block = {}, {}
+    for name, tensor in model.state_dict().items():
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1] == "0":  # in the model's list of blocks: h.0.*, blocks.0.*
+            block[name] = tuple(tensor.shape)
+        else:
+            shapes[name] = tuple(tensor.shape)
+    for i in range(config.n_layer):
+        for name, shape in block.items():
+            parts = name.split(".")
+            shapes[".".join([parts[0], str(i), *parts[2:]])] = shape
+    per_block = sum(math.prod(shape) for shape in block.values())
+    n_params = sum(p.numel() for p in model.parameters()) + (config.n_layer - 1) * per_block
+    return shapes, n_params
+
+
+def gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2 ** 30:,.1f} GiB"
+
+
+def check_fits(needed: int, what: str, fix: str, device=None) -> None:
+    """Refuse work that needs more memory than is available, before it allocates any: past the
+    machine's memory the kernel's OOM killer ends the process with no message and nothing
+    saved. device: a CUDA GPU's free memory is what counts; otherwise the machine's."""
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        where = "the GPU" if device is not None and device.type == "cuda" else "the machine"
+        raise UserError(f"{what} needs at least {gib(needed)} of memory and {where} has "
+                        f"{gib(available)} available; {fix}")
+
+
+def check_fits_in_memory(model_cls, config, batch_size: int, grad_accum_steps: int,
+                         device: torch.device) -> None:
+    """Refuse a run that cannot fit before it allocates. The model is built on the CPU before
+    it moves to its device, so its weights (4 bytes a parameter) must fit the machine on any
+    device. A CPU run is estimated whole, as a lower bound: weights, gradients and AdamW's two
+    moments (16 bytes a parameter), about 17 saved activations of width n_embd per token and
+    layer for the backward pass, and the token ids of the step's micro-batches, which are all
+    drawn before its first forward."""
+    _, n_params = model_shapes(model_cls, config)
+    if device.type != "cpu":
+        check_fits(4 * n_params, f"building this {n_params:,}-parameter model",
+                   "use a smaller model")
         return
-    with torch.device("meta"):  # counts parameters without allocating them
-        n_params = sum(p.numel() for p in model_cls(config).parameters())
     tokens = batch_size * config.block_size
-    needed = 16 * n_params + 4 * tokens * (17 * config.n_layer + 2) * config.n_embd
-    if needed > available:
-        raise UserError(f"this run needs at least {needed / 2 ** 30:,.1f} GiB of memory and the "
-                        f"machine has {available / 2 ** 30:,.1f} GiB available; use a smaller "
-                        "--batch-size with a larger --grad-accum-steps (the same tokens per "
-                        "step), or a smaller model")
+    model = 16 * n_params + 4 * tokens * (17 * config.n_layer + 2) * config.n_embd
+    batches = 8 * grad_accum_steps * batch_size * (config.block_size + 1)
+    fix = ("use a smaller --batch-size with a larger --grad-accum-steps (the same tokens per "
+           "step), or a smaller model")
+    if batches > model:
+        fix = "use fewer --grad-accum-steps (a step holds the token ids of all its micro-batches)"
+    check_fits(model + batches, "this run", fix)
 
 
-def available_memory_bytes():
-    """Memory the machine can still give this process (Linux and macOS), or None if unknown."""
+def available_memory_bytes(device=None):
+    """Memory this process can still get, or None if unknown: a CUDA GPU's free memory, else
+    the machine's (Linux and macOS)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device is not None and device.type == "mps":
+        return None  # unified memory that macOS compresses and swaps: no useful figure
     try:
         with open("/proc/meminfo", encoding="utf-8", errors="replace") as f:
             for line in f:

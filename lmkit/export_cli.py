@@ -4,8 +4,9 @@ import argparse
 from pathlib import Path
 
 from lmkit.checkpoint import find_checkpoint, load_checkpoint_of
+from lmkit.device import check_fits, model_shapes
 from lmkit.errors import UserError
-from lmkit.files import REPO_ROOT
+from lmkit.files import REPO_ROOT, TEMP_NAME_EXTRA, check_path_fits
 from lmkit.hf import export_files, write_folder
 from lmkit.process import protect_console
 
@@ -27,9 +28,16 @@ def build_parser(kind: str, description: str) -> argparse.ArgumentParser:
 def main(family, description: str, argv=None) -> int:
     protect_console()  # a closed pipe must not stop the export; the folder holds the result
     args = build_parser(family.kind, description).parse_args(argv)
+    # the folder is first written under a temp name, renamed with ".old" when it replaces one
+    check_path_fits(args.out, "choose a shorter --out", extra=TEMP_NAME_EXTRA + len(".old"),
+                    room=len("special_tokens_map.json"))  # the longest name written in it
     path = find_checkpoint(args.checkpoint, args.run, args.out_dir, family.kind)
     check_out_spares(args.out, path)
     state = load_checkpoint_of(family, path, "export")
+    _, n_params = model_shapes(family.model_cls, family.config_cls(**state["model_config"]))
+    # the model, the float32 tensors GPT-2's layout takes, and their safetensors bytes
+    check_fits(12 * n_params, f"exporting the {n_params:,}-parameter model in {path}",
+               "export it on a machine with more memory")
     write_folder(args.out, export_files(state, family), args.overwrite,
                  source=f"{path} (step {state['step']})")
     print(f"exported {path} (step {state['step']}) to {args.out}; load it with "

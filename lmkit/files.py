@@ -21,7 +21,14 @@ class RunPaths:
 
     @classmethod
     def for_run(cls, out_dir: Path, run: str) -> "RunPaths":
-        return cls(out_dir / "checkpoints" / run, out_dir / "plots" / run, out_dir / "samples" / run)
+        """The run's folders; refused up front (exit 2) when the file system cannot hold their
+        names, or the names of the files written in them."""
+        paths = cls(out_dir / "checkpoints" / run, out_dir / "plots" / run,
+                    out_dir / "samples" / run)
+        check_path_fits(out_dir, "choose a shorter --out-dir")
+        for folder in (paths.checkpoints, paths.plots, paths.samples):
+            check_path_fits(folder, "choose a shorter --run or --out-dir", room=RUN_FILE_ROOM)
+        return paths
 
     @property
     def last(self) -> Path:
@@ -48,6 +55,47 @@ def check_run_name(name: str) -> str:
         raise UserError(f"--run {name!r} is not a run name: a run name is one folder name, with no "
                         "path separator, not '.' or '..', and no space at either end", exit_code=2)
     return name
+
+
+# What atomic_write's temp file adds to a file's name: "." and "." around it, then tempfile's 8
+# random characters and ".tmp".
+TEMP_NAME_EXTRA = len("..") + 8 + len(".tmp")
+# Room for the longest file name a run's folders get (sample.py's
+# interactive-YYYYmmdd-HHMMSS-NN.txt) with its temp twin's extra.
+RUN_FILE_ROOM = len("interactive-20250101-120000-99.txt") + TEMP_NAME_EXTRA
+
+
+def check_path_fits(path, fix: str, extra: int = 0, room: int = 0) -> None:
+    """Refuse up front (exit 2), before any work, a path the file system cannot hold: a name in
+    it longer than NAME_MAX bytes, its last name included with `extra` bytes more (the temp
+    name it is first written under), or the whole path, with `room` bytes more for a name in
+    it, longer than PATH_MAX. fix says which flag to shorten."""
+    pathconf = getattr(os, "pathconf", None)
+    if pathconf is None:  # Windows: no such limits to ask for
+        return
+    path = Path(path)
+    anchor = Path.cwd() / path
+    while not os.path.isdir(anchor):  # the file system the new names will live on
+        anchor = anchor.parent
+    try:
+        name_max, path_max = pathconf(anchor, "PC_NAME_MAX"), pathconf(anchor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return
+    names = path.parts[1:] if path.is_absolute() else path.parts
+    for i, name in enumerate(names):
+        size = len(os.fsencode(name))
+        added = extra if i == len(names) - 1 else 0
+        if size + added > name_max:
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            what = (f"{size} bytes long, {size + added} with the {added} its temporary name "
+                    f"adds" if added and size <= name_max else f"{size} bytes long")
+            raise UserError(f"the name {shown!r} is {what}, more than the {name_max} this file "
+                            f"system allows in one name; {fix}", exit_code=2)
+    size = len(os.fsencode(str(path))) + extra + (1 + room if room else 0)
+    if size >= path_max:
+        raise UserError(f"the path {str(path)[:40]}... is {size:,} bytes long with the names "
+                        f"written in it, more than the {path_max - 1:,} this file system allows; "
+                        f"{fix}", exit_code=2)
 
 
 def _fsync_dir(folder: Path) -> None:

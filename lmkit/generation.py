@@ -5,6 +5,8 @@ calls the model's forward on the whole window for every token. When the sequence
 the block size, the cached path keeps the most recent half block, re-encodes it into an
 emptied cache, and carries on from there.
 """
+import itertools
+
 import torch
 
 from lmkit.decoder import KVCacheDecoder
@@ -41,13 +43,47 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.argmax(probs / race, dim=-1, keepdim=True)
 
 
+class TokenChunks:
+    """Token ids of a batch of rows, appended a (B, 1) column at a time and joined every CHUNK
+    columns: a long generation holds 8 bytes a token and row, not a tensor object per token,
+    and reading its last few tokens never copies the whole."""
+
+    CHUNK = 1024
+
+    def __init__(self, idx: torch.Tensor):
+        self.pieces, self.fresh = [idx], []
+        self.length = idx.size(1)
+
+    def append(self, token: torch.Tensor) -> None:
+        self.fresh.append(token)
+        self.length += 1
+        if len(self.fresh) == self.CHUNK:
+            self.pieces.append(torch.cat(self.fresh, dim=1))
+            self.fresh = []
+
+    def last(self, n: int) -> torch.Tensor:
+        """The last n columns (all of them when there are fewer)."""
+        tail, count = [], 0
+        for piece in itertools.chain(reversed(self.fresh), reversed(self.pieces)):
+            tail.append(piece)
+            count += piece.size(1)
+            if count >= n:
+                break
+        return torch.cat(tail[::-1], dim=1)[:, -n:]
+
+    def all(self) -> torch.Tensor:
+        return torch.cat(self.pieces + self.fresh, dim=1)
+
+
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              generator=None, use_cache=True, vocab_size=None, on_token=None):
     """Extend every row of idx (B, T) by max_new_tokens tokens; return the rows with them.
 
     A prompt longer than the block size is cut to its last block_size tokens first. It runs
-    in the device's inference dtype (lmkit.device.inference_dtype).
+    in the device's inference dtype (lmkit.device.inference_dtype). Each step's work and memory
+    are bounded by the block size, however many tokens are asked for; only the returned rows
+    grow with them.
 
     vocab_size masks padded vocabulary entries the tokenizer cannot decode. on_token, if
     given, is called with the (B, 1) tensor of each new token as soon as it exists.
@@ -62,29 +98,49 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             logits = logits[:, :vocab_size]
         return sample_next(logits, temperature, top_k, top_p, generator)
 
-    new_tokens = []
+    tokens = TokenChunks(idx)
     with autocast(device, dtype):
         if not use_cache:
             for _ in range(max_new_tokens):
-                logits, _ = model(idx[:, -block_size:])
+                logits, _ = model(tokens.last(block_size))
                 token = pick(logits[:, -1])
-                idx = torch.cat([idx, token], dim=1)
+                tokens.append(token)
                 if on_token:
                     on_token(token)
-            return idx
+            return tokens.all()
         keep = max(1, block_size // 2)
         decoder = KVCacheDecoder(model.decoder_weights(), idx.size(0), device, dtype)
         logits = decoder.feed(idx)
         for i in range(max_new_tokens):
             token = pick(logits)
-            new_tokens.append(token)
+            tokens.append(token)
             if on_token:
                 on_token(token)
             if i == max_new_tokens - 1:
                 break
             if decoder.length == block_size:  # cache full: re-encode the most recent tokens
                 decoder.reset()
-                logits = decoder.feed(torch.cat([idx, *new_tokens], dim=1)[:, -keep:])
+                logits = decoder.feed(tokens.last(keep))
             else:
                 logits = decoder.feed(token)
-    return torch.cat([idx, *new_tokens], dim=1)
+    return tokens.all()
+
+
+def sampling_memory(config, n_rows: int, max_new_tokens: int, use_cache: bool,
+                    dtype_bytes: int, chars_per_token: float) -> tuple:
+    """A lower bound on the bytes that generating n_rows samples of max_new_tokens needs beyond
+    the model's weights: (on the device that runs the model, on the host). On the device: the
+    KV cache (keys and values of a block of tokens, per row and layer) or, without it, a
+    forward's widest activations over a block; four row-by-vocabulary tensors (the logits, the
+    probabilities, the exponential race and its quotient); the rows' token ids, kept twice
+    (by generate and its caller) and joined twice. On the host: the ids once more and the
+    text, in about four copies (decoded, framed, joined, encoded) until it is written."""
+    rows_of_block = n_rows * config.block_size * config.n_embd
+    if use_cache:
+        working = 2 * config.n_layer * rows_of_block * dtype_bytes
+    else:
+        working = 4 * rows_of_block * 4  # the MLP's hidden layer, 4 x n_embd wide, in float32
+    logits = 4 * n_rows * config.vocab_size * 4
+    ids = 8 * n_rows * (config.block_size + max_new_tokens)
+    text = 4 * n_rows * max_new_tokens * chars_per_token
+    return working + logits + 4 * ids, ids + int(text)

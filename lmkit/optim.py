@@ -82,7 +82,8 @@ def describe(optimizer) -> str:
 
 class MuonWithAdamW:
     """Muon and AdamW over disjoint parameters, with the one-optimizer interface the trainer
-    uses: step, zero_grad, state_dict, load_state_dict and param_groups (AdamW's, then Muon's)."""
+    uses: step, zero_grad, state_dict, load_state_dict, param_groups (AdamW's, then Muon's)
+    and state."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
@@ -91,6 +92,11 @@ class MuonWithAdamW:
     def param_groups(self) -> list:
         # built on every call: load_state_dict replaces each optimizer's group dicts
         return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict:
+        """Each parameter's state (its moments), as torch.optim.Optimizer.state holds it."""
+        return {**self.adamw.state, **self.muon.state}
 
     def step(self):
         self.adamw.step()

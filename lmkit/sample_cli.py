@@ -13,8 +13,9 @@ import torch
 from lmkit import device as dev
 from lmkit.checkpoint import find_checkpoint, load_checkpoint_of
 from lmkit.errors import UserError
-from lmkit.files import REPO_ROOT, RunPaths, ensure_writable_dirs, read_user_file
-from lmkit.generation import generate
+from lmkit.files import (REPO_ROOT, TEMP_NAME_EXTRA, RunPaths, check_path_fits,
+                         ensure_writable_dirs, read_user_file)
+from lmkit.generation import TokenChunks, generate, sampling_memory
 from lmkit.interactive import Session
 from lmkit.process import allow_tf32, protect_console
 from lmkit.sample_io import SAMPLING_RANGES, Streamer, prompt_ids, write_like_the_shell
@@ -63,6 +64,8 @@ def check_args(args) -> None:
         value = getattr(args, name)
         need(in_range(value), f"--{name.replace('_', '-')} must be {must_be}, got {value}")
     need(args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both")
+    if args.out is not None:
+        check_path_fits(args.out, "choose a shorter --out", extra=TEMP_NAME_EXTRA)
     need(args.out is None or not args.out.is_dir(), f"--out {args.out} is a folder; give a file name")
     if args.interactive:
         need(args.num_samples == 1, "--interactive makes one sample per prompt; leave out "
@@ -81,6 +84,36 @@ def read_prompt(args) -> str:
         return read_user_file(args.prompt_file, "prompt file").decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+
+
+def check_memory(state: dict, family, args, device) -> None:
+    """Refuse, before the model is built, sampling that needs more memory than there is: the
+    model's weights (4 bytes a parameter) and what lmkit.generation.sampling_memory counts, on
+    the GPU and the host apart when the model runs on a CUDA GPU."""
+    config = family.config_cls(**state["model_config"])
+    _, n_params = dev.model_shapes(family.model_cls, config)
+    meta = state["meta"]
+    chars, tokens = meta.get("n_val_chars"), meta.get("n_val_tokens")
+    chars_per_token = chars / tokens if type(chars) is type(tokens) is int and tokens > 0 else 1
+    dtype_bytes = torch.finfo(dev.inference_dtype(device)).bits // 8
+
+    def needs(max_new_tokens):
+        return sampling_memory(config, args.num_samples, max_new_tokens, not args.no_kv_cache,
+                               dtype_bytes, chars_per_token)
+
+    on_device, on_host = needs(args.max_new_tokens)
+    what = (f"sampling {args.num_samples:,} sample{'s' if args.num_samples > 1 else ''} of "
+            f"{args.max_new_tokens:,} tokens")
+    fix = "use fewer --num-samples (each sample holds its own KV cache and logits)"
+    if 2 * sum(needs(0)) < on_device + on_host:  # most of it grows with the tokens
+        fix = ("lower --max-new-tokens or --num-samples (the samples stay in memory until they "
+               "are written)")
+    weights = 4 * n_params
+    if device.type == "cuda":
+        dev.check_fits(weights + on_device, what, fix, device)
+        dev.check_fits(weights + on_host, what, fix)
+    else:
+        dev.check_fits(weights + on_device + on_host, what, fix)
 
 
 def load_model(state: dict, family, device):
@@ -122,6 +155,7 @@ def main(family, description: str, argv=None) -> int:
     path = find_checkpoint(args.checkpoint, args.run, args.out_dir, family.kind)
     state = load_checkpoint_of(family, path, "sample")
     device = dev.pick_device(args.device)
+    check_memory(state, family, args, device)
     model = load_model(state, family, device)
     meta = state["meta"]
     tokenizer = tokenizer_from_meta(meta)
@@ -136,10 +170,10 @@ def main(family, description: str, argv=None) -> int:
 
     out_path = samples_path(args, "samples")
 
-    new_tokens = []  # (B, 1) each: what a stopped run has made so far is still saved
+    made = TokenChunks(idx)  # what a stopped run has made so far is still saved
 
     def on_token(token):
-        new_tokens.append(token)
+        made.append(token)
         if streamer:
             streamer(token)
 
@@ -154,7 +188,8 @@ def main(family, description: str, argv=None) -> int:
     seconds = time.time() - t0
     if streamer:
         streamer.finish()
-    out = torch.cat([idx.cpu(), *(t.cpu() for t in new_tokens)], dim=1)
+    out = made.all().cpu()
+    n_new = made.length - idx.size(1)
     skip = 0 if prompt_text else len(ids)  # the start token of an empty prompt is not text
     texts = [tokenizer.decode(row[skip:].tolist()) for row in out]
 
@@ -163,14 +198,14 @@ def main(family, description: str, argv=None) -> int:
               f"temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
               f"seed={args.seed} kv_cache={not args.no_kv_cache} prompt={prompt_text!r}\n")
     if stopped:
-        header += f"# stopped after {len(new_tokens)} of {args.max_new_tokens} tokens\n"
+        header += f"# stopped after {n_new} of {args.max_new_tokens} tokens\n"
     blocks = [f"---------- sample {i + 1}/{len(texts)} ----------\n{t}\n" for i, t in enumerate(texts)]
     write_like_the_shell(out_path, header + "\n" + "\n".join(blocks))  # saved before shown
     if not args.stream:
         print("\n".join(blocks), flush=True)
     elif len(blocks) > 1:
         print("\n".join(blocks[1:]), flush=True)
-    n_tokens = args.num_samples * len(new_tokens)
+    n_tokens = args.num_samples * n_new
     print(f"{n_tokens} tokens in {seconds:.2f}s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); "
           f"saved to {out_path}" + ("; stopped early" if stopped else ""), file=sys.stderr)
     if stopped:

@@ -18,7 +18,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lmkit import device as dev
-from lmkit.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from lmkit.checkpoint import (FORMAT_VERSION, load_checkpoint, load_optimizer_state,
+                              save_checkpoint)
 from lmkit.config import PER_INVOCATION, recipe_values, split_values, validate
 from lmkit.data import (BatchSampler, data_folder_name, eval_windows, load_meta, load_split,
                         same_tokenizer, tokenizer_name, window_batches)
@@ -143,7 +144,7 @@ class Trainer:
                 raise UserError(f"nothing to resume: {self.paths.last} does not exist; train "
                                 f"without --resume first (python {self.family.kind}/train.py)")
             # Reading is safe even beside a running writer, which replaces whole files.
-            state = load_checkpoint(self.paths.last, self.family.config_cls)
+            state = load_checkpoint(self.paths.last, self.family)
             values = resumed_values(self.family, flags, state)
         cfg, self.model_values = split_values(self.family, values)
         validate(cfg, self.model_values)
@@ -232,8 +233,8 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum_steps
         self.dtype = dev.compute_dtype(self.device, cfg.dtype, large_matmuls=
                                        config.n_embd >= 256 or config.vocab_size >= 8192)
-        if self.device.type == "cpu":
-            dev.check_fits_in_memory(self.family.model_cls, config, cfg.batch_size)
+        dev.check_fits_in_memory(self.family.model_cls, config, cfg.batch_size,
+                                 cfg.grad_accum_steps, self.device)
         with dev.RandomStream(cfg.seed, torch.device("cpu")):  # the same weights on every rank
             self.model = self.family.model_cls(config)
         if self.pretrained is not None:
@@ -260,7 +261,7 @@ class Trainer:
                             f"whose state does not fit {self.cfg.optimizer}; resume with "
                             f"--optimizer {saved_optimizer}, or start a new run with --run NAME")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"], self.paths.last)
         # load_state_dict brings back the saved hyperparameters; flags given now win.
         fresh = make_optimizer(self.model, self.cfg, self.device)
         for group, wanted in zip(self.optimizer.param_groups, fresh.param_groups):
