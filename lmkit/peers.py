@@ -14,6 +14,10 @@ the others exit quietly:
     a process fails with a UserError     it prints its own sentence (the others stay quiet)
     a process fails with a bug           its traceback, then a survivor's sentence naming it
     a process dies or freezes            a survivor's sentence naming it and how it was lost
+
+This is what Gloo (CPU processes) does and the tests check. NCCL (GPUs) applies --peer-timeout
+in a watchdog thread that, by torch's default, ends the waiting process with NCCL's own log
+instead of raising, so on GPUs the survivors stop within the timeout but may not say why.
 """
 import datetime
 import errno

@@ -223,6 +223,10 @@ class Tracking:
         except OSError as e:
             if reporter in self.reporters:
                 self.reporters.remove(reporter)
+            try:
+                reporter.close()
+            except OSError:  # what is still buffered cannot be written either
+                pass
             folder = getattr(reporter, "folder", "its folder")
             failure = write_error(folder, e, existed=True)
             print(f"warning: could not write the {reporter.name} logs in {folder} "

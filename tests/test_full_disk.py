@@ -12,6 +12,7 @@ import importlib.util
 import os
 import resource
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,9 @@ def test_tensorboard_logs_that_cannot_be_written_are_a_warning(prepared, tmp_pat
         return real_write(self, data)
 
     monkeypatch.setattr(record_writer.RecordWriter, "write", fills_the_disk)
+    hook = threading.excepthook
     assert bigram_main(tiny_flags(prepared / "char", tmp_path, tensorboard=True)) == 0
+    assert threading.excepthook is hook  # the writer's quieted thread errors: back as they were
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warn")]
     assert len(warnings) == 1, err
@@ -120,6 +123,34 @@ def test_tensorboard_logs_that_cannot_be_written_are_a_warning(prepared, tmp_pat
                                   f"{tmp_path}/checkpoints/bigram/tensorboard (no space left on "
                                   "the device); training goes on without them: free space")
     assert torch.load(tmp_path / "checkpoints/bigram/last.pt", weights_only=True)["step"] == 12
+
+
+@needs_proc
+def test_sample_out_and_export_that_cannot_be_written_say_so(prepared, tmp_path, monkeypatch):
+    from bigram.export import main as export_main
+    from bigram.sample import main as sample_main
+    from lmkit import hf
+
+    assert bigram_main(tiny_flags(prepared / "char", tmp_path, max_iters=6, eval_interval=6)) == 0
+    out = tmp_path / "samples.txt"
+    out.write_text("the last good samples")
+    fail_writes_to(monkeypatch, "samples.txt", errno.EDQUOT)
+    with pytest.raises(UserError) as refused:
+        sample_main(["--out-dir", str(tmp_path), "--max-new-tokens", "5", "--out", str(out)])
+    assert str(refused.value) == (f"cannot write {out}: the disk quota is used up; the previous "
+                                  f"file is intact: free space in your quota on the disk that "
+                                  f"holds {tmp_path}, or raise the quota, then run again")
+    assert out.read_text() == "the last good samples"
+
+    def too_big(path, data):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(hf, "write_file", too_big)
+    with pytest.raises(UserError, match=r"^the file grew past the largest size allowed while "
+                                        r"writing .*hf; nothing there changed: raise the file "
+                                        r"size limit \(ulimit -f\)"):
+        export_main(["--out-dir", str(tmp_path), "--out", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists() and no_temp_files(tmp_path)
 
 
 @pytest.mark.parametrize("code", sorted(FULL))
@@ -156,6 +187,7 @@ def test_a_write_error_torch_save_wraps_is_still_told(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a train.py process of its own
 def test_a_real_file_size_limit_stops_the_run_in_one_sentence(prepared, tmp_path):
     """RLIMIT_FSIZE (ulimit -f) makes the kernel refuse the checkpoint with EFBIG: a real
     failing write through torch.save, no mount needed."""
@@ -228,6 +260,7 @@ def test_a_real_full_disk_at_checkpoint_sample_and_export(prepared, tmp_path, sm
     assert no_temp_files(disk)
 
 
+@pytest.mark.slow  # a train.py process of its own
 def test_a_real_full_disk_under_tensorboard_is_refused_at_the_start(prepared, tmp_path,
                                                                      small_disk):
     """TensorBoard writes its events file in a thread of its own: a disk already full stops the
