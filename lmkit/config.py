@@ -82,6 +82,10 @@ class TrainConfig:
                          "says otherwise (needs `pip install wandb`)", False)
     show_samples: bool = option("print the start of a generated sample after each evaluation",
                                 False)
+    peer_timeout: float = option("under torchrun: seconds a process waits for the others at each "
+                                 "synchronisation before it stops the run, naming the process that "
+                                 "did not answer (raise it for checkpoints that take longer to "
+                                 "write)", 60.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +95,7 @@ class TrainConfig:
 # how to train, and a --resume on a machine without tensorboard or wandb should not fail on a
 # flag nobody typed (the trainer names the ones an earlier session used; see lmkit.tracking).
 PER_INVOCATION = ("device", "resume", "run", "overwrite", "new_data", "out_dir", "tensorboard",
-                  "wandb", "show_samples")
+                  "wandb", "show_samples", "peer_timeout")
 
 # Help for the architecture flags, which come from the model's own config dataclass.
 MODEL_HELP = {
@@ -260,4 +264,6 @@ def validate(cfg: TrainConfig, model_values: dict) -> None:
     need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
     need(cfg.eps > 0, f"--eps must be positive, got {cfg.eps}")
     need(cfg.grad_clip >= 0, f"--grad-clip must be 0 or more, got {cfg.grad_clip}")
+    need(0 < cfg.peer_timeout <= 86400, f"--peer-timeout must be more than 0 and at most 86400 "
+                                        f"seconds (a day), got {cfg.peer_timeout}")
     need(cfg.sample_tokens >= 0, f"--sample-tokens must be 0 or more, got {cfg.sample_tokens}")

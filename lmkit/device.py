@@ -1,5 +1,6 @@
 """Everything device-specific: choosing a device, precision, transfers, RNG state, processes."""
 import contextlib
+import datetime
 import math
 import os
 from dataclasses import dataclass, replace
@@ -332,8 +333,9 @@ class Processes:
         return self.rank == 0
 
 
-def start_processes(device_name: str) -> tuple:
-    """Join the torchrun job if there is one; return (Processes, device)."""
+def start_processes(device_name: str, peer_timeout_s: float) -> tuple:
+    """Join the torchrun job if there is one; return (Processes, device). A collective that
+    waits longer than peer_timeout_s for a peer raises (Gloo) instead of waiting forever."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Processes(), pick_device(device_name)
     procs = Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
@@ -342,7 +344,8 @@ def start_processes(device_name: str) -> tuple:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "mps":
         raise UserError("torchrun on Apple GPUs is not supported by PyTorch; use --device cpu", 2)
-    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                            timeout=datetime.timedelta(seconds=peer_timeout_s))
     return procs, device
 
 

@@ -6,9 +6,12 @@ import sys
 class UserError(Exception):
     """A failure the user caused and can fix; the message says how."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = 1, speak=None):
         super().__init__(message)
         self.exit_code = exit_code
+        # Whether this process prints it; None: rank 0 does, as every process of a torchrun job
+        # hits the same error (lmkit.peers decides for the errors one process hits alone).
+        self.speak = speak
 
 
 def run_main(main) -> None:
@@ -16,7 +19,8 @@ def run_main(main) -> None:
     try:
         code = main()
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        speak = e.speak if e.speak is not None else os.environ.get("RANK", "0") == "0"
+        if speak:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

@@ -117,18 +117,66 @@ def _umask() -> int:
     return mask
 
 
+# Write errors that more room fixes: (what happened, what to do) for the sentence that says so.
+FULL_DISK = {
+    errno.ENOSPC: ("no space left on the device", "free space on the disk that holds {folder}"),
+    getattr(errno, "EDQUOT", -1): ("the disk quota is used up", "free space in your quota on "
+                                   "the disk that holds {folder}, or raise the quota"),
+    errno.EFBIG: ("the file grew past the largest size allowed", "raise the file size limit "
+                  "(ulimit -f) or write to another file system"),
+}
+
+
+class WriteError(UserError):
+    """A file that could not be written, its previous version (if any) intact: reason says why
+    in a few words and fix what to do, for callers that say so in a sentence of their own."""
+
+    def __init__(self, path, reason: str, fix: str, existed: bool):
+        kept = "the previous file is intact" if existed else "nothing was written"
+        super().__init__(f"cannot write {path}: {reason}; {kept}: {fix}, then run again")
+        self.path, self.reason, self.fix = path, reason, fix
+
+
+def write_error(path, error: OSError, existed: bool) -> WriteError:
+    """The WriteError for an OSError raised while writing path (existed: it was there before)."""
+    path = Path(path)
+    if error.errno in FULL_DISK:
+        reason, fix = FULL_DISK[error.errno]
+        return WriteError(path, reason, fix.format(folder=path.parent), existed)
+    if error.errno in (errno.EISDIR, errno.ENOTDIR):
+        return WriteError(path, "it is a folder, or under a file", "move what is in the way",
+                          existed)
+    if error.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return WriteError(path, error.strerror or "permission denied",
+                          "choose a writable folder or fix its permissions", existed)
+    return WriteError(path, error.strerror or str(error), "check the disk", existed)
+
+
+def os_error_behind(error: BaseException):
+    """The OSError that error is, or that caused it: torch.save, for one, reports a failed
+    write as a RuntimeError ("unexpected pos") raised while handling the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def atomic_write(path, write) -> None:
     """Call write(fileobj) on a temp file beside `path`, fsync it, then rename it over `path`.
 
     A crash at any moment leaves either the old file or the new one, never a partial file,
-    and a failed write removes its temp file.
+    and a failed write removes its temp file and raises a WriteError.
     """
     path = Path(path)
+    existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); choose a writable folder") from e
+        raise write_error(path, e, existed) from e
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
@@ -141,14 +189,9 @@ def atomic_write(path, write) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on the device while writing {path}; "
-                            "the previous file is intact: free some space and run again") from e
-        if isinstance(e, OSError) and e.errno in (errno.EISDIR, errno.ENOTDIR):
-            raise UserError(f"cannot write {path}: it is a folder, or under a file") from e
-        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise UserError(f"cannot write {path} ({e.strerror}); "
-                            "choose a writable folder or fix its permissions") from e
+        cause = os_error_behind(e)
+        if cause is not None:
+            raise write_error(path, cause, existed) from e
         raise
     _fsync_dir(path.parent)
 

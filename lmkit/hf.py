@@ -18,7 +18,6 @@ export reads them from there, so one exporter serves both:
 The export needs only torch, safetensors (imported when it writes) and json: neither
 transformers nor huggingface_hub.
 """
-import errno
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from lmkit.errors import UserError
-from lmkit.files import REPO_ROOT
+from lmkit.files import FULL_DISK, REPO_ROOT
 from lmkit.tokenizers import ENDOFTEXT, GPT2_VOCAB_SIZE, BPETokenizer, gpt2_files
 
 # Config fields whose every value maps onto GPT-2; any other field must keep its default.
@@ -327,9 +326,10 @@ def write_folder(out: Path, files: dict, overwrite: bool, source: str) -> None:
         else:
             os.replace(tmp, out)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on the device while writing {out}; free some space "
-                            "and run again") from None
+        if e.errno in FULL_DISK:
+            reason, fix = FULL_DISK[e.errno]
+            raise UserError(f"{reason} while writing {out}; nothing there changed: "
+                            f"{fix.format(folder=out.parent)}, then run again") from None
         raise UserError(f"cannot write {out} ({e.strerror or e}); choose a writable "
                         "folder") from None
     finally:

@@ -36,8 +36,13 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested, self.signal = True, signum
         if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (send it again to "
-                  "abort without saving)", file=sys.stderr)
+            print("\n" + self.notice(), file=sys.stderr)
+
+    def notice(self) -> str:
+        """What the stop is and what a second signal does; under torchrun the signal may have
+        reached another process only."""
+        asked = signal.Signals(self.signal).name if self.requested else "another process's signal"
+        return f"{asked}: stopping after this step (send it again to abort without saving)"
 
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process that signal ended."""
@@ -101,6 +106,10 @@ class ProgressDisplay:
     def write(self, line: str) -> None:
         if self.enabled:
             tqdm.write(line, file=sys.stdout)
+
+    def warn(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

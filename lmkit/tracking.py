@@ -15,11 +15,14 @@ import html
 import netrc
 import os
 import secrets
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from lmkit.errors import UserError
-from lmkit.files import atomic_write_text
+from lmkit.files import FULL_DISK, atomic_write_text, write_error
 
 TENSORBOARD_DIR = "tensorboard"  # inside checkpoints/<run>/
 WANDB_DIR = "wandb"              # inside checkpoints/<run>/; W&B makes it itself
@@ -57,13 +60,33 @@ class TensorBoardReporter:
     the same folder; purge_step makes TensorBoard drop what an earlier session logged after the
     checkpoint the run resumed from, so no step shows twice."""
 
+    name, flag = "TensorBoard", "--tensorboard"
+
     def __init__(self, folder: Path, purge_step: int):
         SummaryWriter = _import_summary_writer()
+        self.folder = folder
+        # The writer's thread re-raises a failed write (a full disk) after handing it to the
+        # writer, which raises it here on the next call: Tracking warns about that copy, and
+        # the thread's traceback would only repeat it. close() puts the old hook back.
+        self.previous_hook = threading.excepthook
+        threading.excepthook = self._quiet_write_errors
         try:
             self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
         except OSError as e:
+            self.close_hook()
+            fix = ("move away what is in the way or fix its permissions"
+                   if e.errno not in FULL_DISK else write_error(folder, e, True).fix)
             raise UserError(f"cannot write TensorBoard events to {folder} ({e.strerror or e}); "
-                            "move away what is in the way or fix its permissions") from None
+                            f"{fix}") from None
+
+    def _quiet_write_errors(self, args) -> None:
+        if not (isinstance(args.exc_value, OSError)
+                and type(args.thread).__name__ == "_AsyncWriterThread"):
+            self.previous_hook(args)
+
+    def close_hook(self) -> None:
+        if threading.excepthook == self._quiet_write_errors:
+            threading.excepthook = self.previous_hook
 
     def scalars(self, step: int, values: dict) -> None:
         for tag, value in values.items():
@@ -78,7 +101,10 @@ class TensorBoardReporter:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        finally:
+            self.close_hook()
 
 
 def wandb_logged_in() -> bool:
@@ -99,8 +125,11 @@ class WandbReporter:
     (WANDB_MODE, when set, decides instead); `wandb sync` uploads an offline run later. The
     run's W&B id is kept in wandb/run_id.txt, so a resumed training run continues its W&B run."""
 
+    name, flag = "W&B", "--wandb"
+
     def __init__(self, folder: Path, name: str, config: dict, resuming: bool):
         self.wandb = _import_wandb()
+        self.folder = folder / WANDB_DIR
         id_file = folder / WANDB_DIR / "run_id.txt"
         run_id = (id_file.read_text(encoding="utf-8").strip()
                   if resuming and id_file.is_file() else "")
@@ -164,23 +193,46 @@ class Tracking:
         return bool(self.reporters)
 
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        for reporter in self.reporters:
-            reporter.scalars(step, {"train/loss": loss, "train/lr": lr,
-                                    "train/tokens_per_s": tokens_per_s})
+        for reporter in list(self.reporters):
+            with self._dropped_on_write_error(reporter):
+                reporter.scalars(step, {"train/loss": loss, "train/lr": lr,
+                                        "train/tokens_per_s": tokens_per_s})
 
     def evaluation(self, step: int, result: dict, sample: str) -> None:
         """Log an evaluation and write it out now: the trainer calls this before it saves the
         checkpoint, so a run killed afterwards has no logged steps missing when resumed."""
-        for reporter in self.reporters:
-            reporter.scalars(step, {"eval/" + key: result[key]
-                                    for key in ("train_loss", "val_loss", "val_bpc")})
-            reporter.text(step, "eval/sample", sample)
-            reporter.flush()
+        for reporter in list(self.reporters):
+            with self._dropped_on_write_error(reporter):
+                reporter.scalars(step, {"eval/" + key: result[key]
+                                        for key in ("train_loss", "val_loss", "val_bpc")})
+                reporter.text(step, "eval/sample", sample)
+                reporter.flush()
 
     def close(self) -> None:
         reporters, self.reporters = self.reporters, []
         for reporter in reporters:
-            reporter.close()
+            with self._dropped_on_write_error(reporter):
+                reporter.close()
+
+    @contextmanager
+    def _dropped_on_write_error(self, reporter):
+        """A log that cannot be written (a full disk, a quota) must not stop the training, whose
+        checkpoint is what matters: warn once and log on without that reporter."""
+        try:
+            yield
+        except OSError as e:
+            if reporter in self.reporters:
+                self.reporters.remove(reporter)
+            try:
+                reporter.close()
+            except OSError:  # what is still buffered cannot be written either
+                pass
+            folder = getattr(reporter, "folder", "its folder")
+            failure = write_error(folder, e, existed=True)
+            print(f"warning: could not write the {reporter.name} logs in {folder} "
+                  f"({failure.reason}); training goes on without them: {failure.fix}, then "
+                  f"--resume with {reporter.flag} continues the curves",
+                  file=sys.stderr)
 
 
 def forgotten_flags(cfg, folder: Path) -> list:

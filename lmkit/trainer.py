@@ -24,8 +24,8 @@ from lmkit.config import PER_INVOCATION, recipe_values, split_values, validate
 from lmkit.data import (BatchSampler, data_folder_name, eval_windows, load_meta, load_split,
                         same_tokenizer, tokenizer_name, window_batches)
 from lmkit.errors import UserError
-from lmkit.files import (REPO_ROOT, RunLock, RunPaths, atomic_write_text, check_run_name,
-                         ensure_writable_dirs, remove_stale_temp_files)
+from lmkit.files import (REPO_ROOT, RunLock, RunPaths, WriteError, atomic_write_text,
+                         check_run_name, ensure_writable_dirs, remove_stale_temp_files)
 from lmkit.generation import generate
 from lmkit.history import TrainingHistory
 from lmkit.optim import describe, make_optimizer, set_learning_rate
@@ -102,13 +102,13 @@ class Trainer:
     def __init__(self, family, flags: dict):
         """flags: the values the user chose (lmkit.config.parse_flags)."""
         self.family = family
-        self.procs, self.device = dev.start_processes(flags.get("device", "auto"))
-        self.is_main = self.procs.is_main
         self.lock = None  # rank 0 owns the run folder from _claim_run_folder on; close() lets go
         self.tracking = Tracking()  # rank 0's TensorBoard and W&B writers, if asked for
         self.replacing = False  # --overwrite: the old run's files stay until the first save
         try:
             state = self._configure(flags)
+            self.procs, self.device = dev.start_processes(self.cfg.device, self.cfg.peer_timeout)
+            self.is_main = self.procs.is_main
             self._claim_run_folder()
             self._load_data()
             self._build_model_and_optimizer()
@@ -128,7 +128,9 @@ class Trainer:
         if self.procs.distributed:
             self.forward_model = DistributedDataParallel(
                 self.forward_model, device_ids=dev.ddp_device_ids(self.device))
-        self.stop = StopRequest(announce=self.is_main)  # fit() installs its Ctrl-C handler
+        # fit() installs its Ctrl-C handler; under torchrun rank 0 announces a stop once the
+        # processes agree on it (torchrun's SIGTERM after a crash stops nothing: the crash does)
+        self.stop = StopRequest(announce=self.is_main and not self.procs.distributed)
         latest = self.history.metrics[-1]["val_bpc"] if self.history.metrics else None
         self.display = ProgressDisplay(enabled=self.is_main, val_bpc=latest)
 
@@ -377,7 +379,10 @@ class Trainer:
         if not at_log:  # processes agree on stopping at log steps only: no sync in the hot loop
             return False
         flag = torch.tensor([float(self.stop.requested)], device=self.device)
-        return dev.all_reduce_sum(flag, self.procs).item() > 0
+        stopping = dev.all_reduce_sum(flag, self.procs).item() > 0
+        if stopping and self.is_main:
+            print(self.stop.notice(), file=sys.stderr)
+        return stopping
 
     def _check_finite(self) -> None:
         bad_step = self.history.first_non_finite_step()
@@ -441,9 +446,12 @@ class Trainer:
         state = self.checkpoint_state()
         if not self.is_main:
             return
-        if is_best:
-            save_checkpoint(self.paths.best, state)
-        save_checkpoint(self.paths.last, state)
+        try:
+            if is_best:
+                save_checkpoint(self.paths.best, state)
+            save_checkpoint(self.paths.last, state)
+        except WriteError as e:
+            raise self._unsaved(e) from None
         self.history.saved_step = self.history.step
         if self.replacing:  # the new run now has a checkpoint: the old run's files may go
             if not is_best:
@@ -451,9 +459,31 @@ class Trainer:
             if not evaluated:
                 self.paths.plot.unlink(missing_ok=True)
             self.replacing = False
-        write_metrics(self.paths.metrics, self.history.metrics)
+        # The checkpoint holds the metrics and curve too: a CSV or plot that cannot be written
+        # now is a warning, and the next evaluation writes it whole again.
+        self._write_or_warn(write_metrics, self.paths.metrics, self.history.metrics)
         if evaluated:
-            self._plot()
+            self._write_or_warn(self._plot)
+
+    def _unsaved(self, e: WriteError) -> UserError:
+        """The sentence for a checkpoint that could not be written: the run stops there."""
+        if self.history.saved_step:
+            kept = f"{self.paths.last} still holds step {self.history.saved_step}"
+            then = "continue with --resume"
+        else:
+            kept, then = "no checkpoint of this run was written", "run again"
+        return UserError(f"{e.reason} while writing {e.path}, so the run stopped at step "
+                         f"{self.history.step}; {kept}: {e.fix}, then {then}")
+
+    def _write_or_warn(self, write, *args, meanwhile="training goes on") -> bool:
+        """Write an output the run can do without; a failure is a warning. Returns success."""
+        try:
+            write(*args)
+            return True
+        except WriteError as e:
+            self.display.warn(f"warning: could not write {e.path} ({e.reason}); {meanwhile}: "
+                              f"{e.fix}")
+            return False
 
     def _plot(self) -> None:
         stride = max(1, self.cfg.max_iters // 500)
@@ -480,12 +510,10 @@ class Trainer:
             return self.sample_text(EVAL_SAMPLE_TOKENS)
         return None
 
-    def write_sample(self) -> Path:
+    def write_sample(self, path: Path) -> None:
         text = self.sample_text(self.cfg.sample_tokens)
-        path = self.paths.samples / "train_sample.txt"
         atomic_write_text(path, f"# {self.run} at step {self.history.step}, val loss "
                                 f"{self.history.metrics[-1]['val_loss']:.4f}, temperature 1.0\n{text}\n")
-        return path
 
     # ---- messages, and the end --------------------------------------------------------------
     def _announce(self) -> None:
@@ -514,7 +542,11 @@ class Trainer:
               + (f" --out-dir {shlex.quote(cfg.out_dir)}" if cfg.out_dir else ""))
 
     def _report(self) -> None:
-        sample = self.write_sample() if self.cfg.sample_tokens else None
+        sample = None
+        if self.cfg.sample_tokens:
+            path = self.paths.samples / "train_sample.txt"
+            written = self._write_or_warn(self.write_sample, path, meanwhile="the run is saved")
+            sample = path if written else None
         best = self.history.best()
         print(f"done: best val loss {best['val_loss']:.4f} ({best['val_bpc']:.4f} bits/char) "
               f"at step {best['step']}, {self.history.elapsed():.0f}s wall time")
