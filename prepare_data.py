@@ -351,16 +351,19 @@ class StagedFiles:
                 dest.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise self.failure(e, dest) from e
+        for _, _, dest in self.staged:  # a folder in the way: refused before any rename
+            if dest.is_dir():
+                raise self.failure(OSError(errno.EISDIR, "it is a folder"), dest)
         for tmp, _, dest in self.staged:
             try:
                 os.replace(tmp, dest)
-            except OSError as e:  # a folder in the way: refused before any other rename
+            except OSError as e:
                 raise self.failure(e, dest) from e
         for folder in {dest.parent for _, _, dest in self.staged}:
             _fsync_dir(folder)
         self.staged = []
 
-    def failure(self, e: OSError, dest: Path) -> Exception:
+    def failure(self, e: OSError, dest: Path) -> UserError:
         kept = "the data already there is intact and nothing new was kept"
         if e.errno == errno.ENOSPC:
             return UserError(f"no space left on the device while writing {dest}; {kept}: free "
@@ -376,7 +379,8 @@ class StagedFiles:
                        errno.EISDIR):
             return UserError(f"cannot write {dest} ({e.strerror}); choose a writable --out-dir "
                              "or fix its permissions")
-        return e
+        return UserError(f"cannot write {dest} ({e.strerror or e}); {kept}: fix the cause and run "
+                         "again")
 
 
 class BinWriter:

@@ -84,8 +84,8 @@ class TrainConfig:
                                 False)
     peer_timeout: float = option("under torchrun: seconds a process waits for the others at each "
                                  "synchronisation before it stops the run, naming the process that "
-                                 "did not answer (raise it for checkpoints that take longer to "
-                                 "write)", 60.0)
+                                 "did not answer; a dead process is noticed at once, this bounds "
+                                 "the wait for a frozen one (NCCL's own default)", 600.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,6 +232,7 @@ def validate(cfg: TrainConfig, model_values: dict) -> None:
     for name, limit in MAX_SIZES.items():
         value = model_values.get(name, 1)
         need(value <= limit, f"--{name.replace('_', '-')} must be at most {limit:,}, got {value:,}")
+    need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     whole_numbers = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.type is int}
     for name, value in whole_numbers.items():
         need(abs(value) < INT64_LIMIT, f"--{name.replace('_', '-')} must be below 2**63, got "
@@ -245,7 +246,6 @@ def validate(cfg: TrainConfig, model_values: dict) -> None:
               **{k: v for k, v in model_values.items() if isinstance(v, float)}}
     for name, value in floats.items():
         need(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     need(cfg.learning_rate > 0, f"--learning-rate must be positive, got {cfg.learning_rate}")
     need(cfg.muon_lr > 0, f"--muon-lr must be positive, got {cfg.muon_lr}")
     need(cfg.embedding_lr >= 0, f"--embedding-lr must be 0 (--learning-rate) or more, got "

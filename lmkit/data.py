@@ -188,7 +188,12 @@ class TokenFile:
         return self.n_tokens
 
     def __getitem__(self, index: int) -> int:
+        if not 0 <= index < self.n_tokens:
+            raise IndexError(f"token {index} is outside {self.path}'s {self.n_tokens:,} tokens")
         return int(self.windows(np.array([index]), 1)[0, 0])
+
+    def close(self) -> None:
+        self.file.close()
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """A len(starts) x length array: the `length` tokens from each start offset."""
@@ -204,19 +209,19 @@ class TokenFile:
         while offset < self.n_tokens * SPLIT_DTYPE.itemsize:
             piece = _read_at(self.file, SCAN_BYTES, offset)
             if not piece or len(piece) % SPLIT_DTYPE.itemsize:
-                raise self._changed()
+                raise self._changed(running=False)
             digest.update(piece)
             largest = max(largest, int(np.frombuffer(piece, dtype=SPLIT_DTYPE).max()))
             offset += len(piece)
         if self._stamp() != self.stamp:
-            raise self._changed()
+            raise self._changed(running=False)
         return digest.hexdigest(), largest
 
     def _stamp(self) -> tuple:
         info = os.fstat(self.file.fileno())
         return info.st_size, info.st_mtime_ns
 
-    def _changed(self) -> UserError:
+    def _changed(self, running: bool = True) -> UserError:
         size, was = self._stamp()[0], self.stamp[0]
         if size < was:
             how = f"it is now {size:,} bytes, cut from {was:,}"
@@ -224,6 +229,10 @@ class TokenFile:
             how = f"it grew from {was:,} to {size:,} bytes"
         else:
             how = "it was rewritten in place"
+        if not running:  # checked at the start: there is nothing to resume yet
+            return UserError(f"{self.path} changed while this process was checking it ({how}); "
+                             "wait for whatever writes it to finish, or run `python "
+                             "prepare_data.py` again")
         return UserError(f"{self.path} changed while this process was reading it ({how}); "
                          "stopped without saving (the last checkpoint saved is kept): run "
                          "`python prepare_data.py` again, then continue with --resume")

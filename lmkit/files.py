@@ -171,7 +171,7 @@ def atomic_write(path, write) -> None:
     and a failed write removes its temp file and raises a WriteError.
     """
     path = Path(path)
-    existed = path.exists()
+    existed = os.path.lexists(path)  # False, not an error, where the folder cannot be searched
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

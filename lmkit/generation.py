@@ -52,17 +52,20 @@ class TokenChunks:
 
     def __init__(self, idx: torch.Tensor):
         self.pieces, self.fresh = [idx], []
-        self.length = idx.size(1)
+        self.length, self.fresh_length = idx.size(1), 0
 
     def append(self, token: torch.Tensor) -> None:
         self.fresh.append(token)
         self.length += 1
-        if len(self.fresh) == self.CHUNK:
+        self.fresh_length += 1
+        if self.fresh_length == self.CHUNK:
             self.pieces.append(torch.cat(self.fresh, dim=1))
-            self.fresh = []
+            self.fresh, self.fresh_length = [], 0
 
     def last(self, n: int) -> torch.Tensor:
         """The last n columns (all of them when there are fewer)."""
+        if len(self.fresh) > 1:  # join the fresh columns once, not at every call
+            self.fresh = [torch.cat(self.fresh, dim=1)]
         tail, count = [], 0
         for piece in itertools.chain(reversed(self.fresh), reversed(self.pieces)):
             tail.append(piece)

@@ -89,12 +89,12 @@ class PeerWatch:
             pass
         return None
 
-    def _claim_report(self) -> bool:
-        """True for the first process to explain a failure; True too without a store."""
+    def _claim_report(self, alone=True):
+        """True for the first process to explain a failure; without a store, `alone`."""
         try:
             return self.store.add(self.prefix + "reported", 1) == 1
         except Exception:
-            return True
+            return alone
 
     # ---- explaining a failure -----------------------------------------------------------------
     def explain(self, error: BaseException):
@@ -117,7 +117,9 @@ class PeerWatch:
                              exit_code=128 + signal.SIGTERM, speak=self._claim_report())
         if isinstance(error, UserError):
             self._set(f"failed/{self.rank}", "user")
-            error.speak = self._claim_report()
+            # without a store, rank 0 speaks (the usual rule): an error every process hits
+            # (a bad flag, changed data) is then said once
+            error.speak = self._claim_report(alone=None)
         else:
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             self._set(f"failed/{self.rank}", f"{type(error).__name__}: {first_line}".rstrip(": "))

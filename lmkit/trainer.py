@@ -560,5 +560,8 @@ class Trainer:
         self.tracking.close()
         if self.lock is not None:
             self.lock.release()
+        for split in ("train_tokens", "val_tokens"):
+            if hasattr(self, split):
+                getattr(self, split).close()
         if hasattr(self, "forward_model"):  # set once setup has succeeded
             self.forward_model = self.model

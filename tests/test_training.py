@@ -179,6 +179,8 @@ def test_help_lists_every_flag_with_defaults():
     (["--max-iters", "0"], "--max-iters must be at least 1"),
     (["--dropout", "1.5"], "--dropout must be in"),
     (["--warmup-iters", "13"], "--warmup-iters 13 is more than --max-iters 12"),
+    (["--peer-timeout", "0"], "--peer-timeout must be more than 0"),
+    (["--peer-timeout", "100000"], "at most 86400 seconds"),
 ])
 def test_bad_flags_exit_2_with_one_sentence(flags, message, prepared, tmp_path):
     result = run_script("bigram/train.py", *tiny_flags(prepared / "char", tmp_path), *flags)
