@@ -426,8 +426,10 @@ def claim_out_dir(out_dir: Path, stack: ExitStack) -> None:
     lock = RunLock(out_dir, LOCK_NAME)
     lock.acquire(f"data folder {out_dir}", "choose another --out-dir")
     stack.callback(lock.release, remove=True)
-    for leftover in out_dir.glob(f"{TEMP_PREFIX}*.tmp"):
-        leftover.unlink(missing_ok=True)
+    # a killed preparation's staged splits, and a killed download's partial corpus
+    for pattern in (f"{TEMP_PREFIX}*.tmp", f".{CORPUS_NAME}.*.tmp"):
+        for leftover in out_dir.glob(pattern):
+            leftover.unlink(missing_ok=True)
 
 
 def prepare(args) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 from lmkit.checkpoint import find_checkpoint, load_checkpoint_of
 from lmkit.device import check_fits, model_shapes
 from lmkit.errors import UserError
-from lmkit.files import REPO_ROOT, TEMP_NAME_EXTRA, check_path_fits
+from lmkit.files import REPO_ROOT, TEMP_NAME_EXTRA, check_path_fits, name_leftovers
 from lmkit.hf import export_files, write_folder
 from lmkit.process import protect_console
 
@@ -33,6 +33,7 @@ def main(family, description: str, argv=None) -> int:
                     room=len("special_tokens_map.json"))  # the longest name written in it
     path = find_checkpoint(args.checkpoint, args.run, args.out_dir, family.kind)
     check_out_spares(args.out, path)
+    name_leftovers(args.out)
     state = load_checkpoint_of(family, path, "export")
     _, n_params = model_shapes(family.model_cls, family.config_cls(**state["model_config"]))
     # the model, the float32 tensors GPT-2's layout takes, and their safetensors bytes

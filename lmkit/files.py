@@ -1,7 +1,9 @@
 """Where outputs go (a run's folders), atomic file writes, and early checks that folders are writable."""
 import errno
+import glob
 import os
 import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +241,18 @@ def remove_stale_temp_files(folder) -> None:
                 leftover.unlink()
             except OSError:
                 pass
+
+
+def name_leftovers(path) -> None:
+    """Warn about temp files or folders that an interrupted write of path left beside it (they
+    are named, not deleted: another process may be writing path right now)."""
+    path = Path(path)  # an export leaves ".tmp" folders, or ".tmp.old" when it was replacing one
+    leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"))
+    if leftovers:
+        names = ", ".join(str(p) for p in leftovers[:3]) + (" …" if len(leftovers) > 3 else "")
+        print(f"note: {names} {'was' if len(leftovers) == 1 else 'were'} left by an interrupted "
+              f"write of {path}; remove {'it' if len(leftovers) == 1 else 'them'} once no other "
+              "command writes there", file=sys.stderr)
 
 
 class RunLock:

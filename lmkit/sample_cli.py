@@ -14,7 +14,7 @@ from lmkit import device as dev
 from lmkit.checkpoint import find_checkpoint, load_checkpoint_of
 from lmkit.errors import UserError
 from lmkit.files import (REPO_ROOT, TEMP_NAME_EXTRA, RunPaths, check_path_fits,
-                         ensure_writable_dirs, read_user_file)
+                         ensure_writable_dirs, name_leftovers, read_user_file)
 from lmkit.generation import TokenChunks, generate, sampling_memory
 from lmkit.interactive import Session
 from lmkit.process import allow_tf32, protect_console
@@ -135,6 +135,7 @@ def samples_path(args, name: str) -> Path:
                                    f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
     if path.is_file() or not path.exists():  # a device or FIFO needs no folder check
         ensure_writable_dirs(path.parent)
+        name_leftovers(path)
     return path
 
 

@@ -84,3 +84,36 @@ def test_overwrite_of_a_data_folder_is_refused(trained, prepared, nothing_writte
         with pytest.raises(UserError, match="is a folder of prepared data"):
             export(trained, out, "--overwrite")
         assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_leftovers_of_an_interrupted_export_or_sample_are_named_not_deleted(trained, tmp_path,
+                                                                            capsys):
+    from bigram.sample import main as sample_main
+    out = tmp_path / "hf"
+    # a kill between export's two renames leaves the previous export under ".tmp.old"
+    left = tmp_path / ".hf.k2j4h1x9.tmp.old"
+    left.mkdir()
+    (left / hf.EXPORT_MARK).write_text("an earlier export")
+    assert export(trained, out) == 0
+    note = capsys.readouterr().err
+    assert f"note: {left} was left by an interrupted write of {out}" in note
+    assert left.is_dir() and (out / "model.safetensors").is_file()
+
+    text = tmp_path / "samples.txt"
+    partial = tmp_path / ".samples.txt.0a1b2c3d.tmp"
+    partial.write_text("half a sample")
+    assert sample_main(["--out-dir", str(trained), "--out", str(text), "--max-new-tokens", "5",
+                        "--num-samples", "1"]) == 0
+    assert f"note: {partial} was left by an interrupted write of {text}" in capsys.readouterr().err
+    assert partial.read_text() == "half a sample" and text.is_file()
+
+
+def test_prepare_removes_what_a_killed_preparation_or_download_left(small_text_file, tmp_path):
+    from prepare_data import main as prepare_main
+    out = tmp_path / "data"
+    out.mkdir()
+    killed_download = out / ".input.txt.x8y7z6w5.tmp"
+    killed_download.write_bytes(b"First Citizen:\nBefore we proc")
+    assert prepare_main(["--input", str(small_text_file), "--out-dir", str(out)]) == 0
+    assert not killed_download.exists()
+    assert not [p for p in out.rglob("*.tmp")] and (out / "char" / "meta.json").is_file()
