@@ -40,8 +40,8 @@ from tqdm import tqdm
 from lmkit.data import (BPE_FILE, DEFAULT_BPE_VOCAB, SPLIT_DTYPE, SPLITS, data_folder_name,
                         split_sha256_key)
 from lmkit.errors import UserError, run_main
-from lmkit.files import (TEMP_NAME_EXTRA, RunLock, _fsync_dir, _umask, atomic_write_bytes,
-                         check_path_fits, ensure_writable_dirs)
+from lmkit.files import (FULL_DISK, TEMP_NAME_EXTRA, RunLock, _fsync_dir, _umask,
+                         atomic_write_bytes, check_path_fits, ensure_writable_dirs)
 from lmkit.process import protect_console
 from lmkit.tokenizers import BYTE_TOKENS, MAX_TOKEN_ID, BPETokenizer, CharTokenizer, GPT2Tokenizer
 
@@ -365,16 +365,10 @@ class StagedFiles:
 
     def failure(self, e: OSError, dest: Path) -> UserError:
         kept = "the data already there is intact and nothing new was kept"
-        if e.errno == errno.ENOSPC:
-            return UserError(f"no space left on the device while writing {dest}; {kept}: free "
-                             "some space and run again")
-        if e.errno == errno.EDQUOT:
-            return UserError(f"disk quota exceeded while writing {dest}; {kept}: free some space "
-                             "or raise the quota, and run again")
-        if e.errno == errno.EFBIG:
-            return UserError(f"{dest} grew past the largest file this file system or process "
-                             f"allows; {kept}: raise the limit (ulimit -f) or choose another "
-                             "--out-dir, and run again")
+        if e.errno in FULL_DISK:  # the same causes and fixes as every other write's
+            reason, fix = FULL_DISK[e.errno]
+            return UserError(f"{reason} while writing {dest}; {kept}: "
+                             f"{fix.format(folder=dest.parent)}, and run again")
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.EEXIST, errno.ENOTDIR,
                        errno.EISDIR):
             return UserError(f"cannot write {dest} ({e.strerror}); choose a writable --out-dir "

@@ -4,6 +4,7 @@ import csv
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,15 @@ def one_error_line(stderr: str) -> str:
     assert lines[0].startswith("error: "), stderr
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def wait_until(condition, proc, timeout=120):
+    """Poll condition() until it holds; fail if the process proc ends first or time runs out."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def read_metrics(out_dir, run) -> list:

@@ -19,7 +19,8 @@ import torch
 
 import prepare_data
 from bigram.train import main as bigram_main
-from conftest import REPO_ROOT, make_text, one_error_line, run_script, tiny_flags
+from conftest import (REPO_ROOT, make_text, one_error_line, run_script, tiny_flags,
+                      wait_until)
 from lmkit.data import BatchSampler, eval_windows, load_meta, load_split, window_batches
 from lmkit.errors import UserError
 from lmkit.files import RunLock
@@ -59,14 +60,6 @@ def start(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_until(condition, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +343,7 @@ def test_a_file_size_limit_while_preparing_keeps_the_old_data(prepared_before, t
                             text=True, timeout=300, preexec_fn=limit_file_size)
     assert result.returncode == 1
     line = one_error_line(result.stderr)
-    assert "grew past the largest file this file system or process allows" in line
+    assert "the file grew past the largest size allowed while writing" in line
     assert "intact" in line and "ulimit -f" in line
     assert_kept(out, before)
 

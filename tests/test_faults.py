@@ -14,7 +14,8 @@ import torch
 
 from bigram.family import FAMILY
 from bigram.train import main as bigram_main
-from conftest import REPO_ROOT, one_error_line, run_script, stop_requested_during, tiny_flags
+from conftest import (REPO_ROOT, one_error_line, run_script, stop_requested_during, tiny_flags,
+                      wait_until)
 from lmkit import export_cli, sample_cli
 from lmkit.errors import UserError
 from lmkit.tokenizers import tokenizer_from_meta
@@ -32,14 +33,6 @@ def start(script, *args, **kwargs):
     return subprocess.Popen([sys.executable, str(REPO_ROOT / script), *map(str, args)],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, **kwargs)
-
-
-def wait_until(condition, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def file_bytes(folder) -> dict:
