@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gpt.model import GPT, GPTConfig
-from lmkit.config import size_problem
+from lmkit.config import heads_problem, size_problem
 from lmkit.device import check_fits, model_shapes
 from lmkit.errors import UserError
 from lmkit.hf import safetensors_torch
@@ -116,8 +116,9 @@ def read_gpt2_config(folder: Path) -> dict:
         if problem:
             refuse(f"its {key} {problem}")
         values[name] = value
-    if values["n_embd"] % values["n_head"]:
-        refuse(f"its n_embd {values['n_embd']} is not divisible by its n_head {values['n_head']}")
+    problem = heads_problem(values)
+    if problem:
+        refuse(problem)
     for key, default in FLAGS.items():
         if not isinstance(config.get(key, default), bool):
             refuse(f"its {key} {config[key]!r} is not true or false")

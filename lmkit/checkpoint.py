@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lmkit.config import INT64_LIMIT, MAX_SIZES, TrainConfig, size_problem
+from lmkit.config import INT64_LIMIT, MAX_SIZES, TrainConfig, heads_problem, size_problem
 from lmkit.device import check_fits, model_shapes
 from lmkit.errors import UserError
 from lmkit.files import REPO_ROOT, RunPaths, atomic_write, check_run_name
@@ -189,11 +189,7 @@ def _config_problem(config: dict, config_cls):
                        else f"{value!r} is not a probability below 1")
         if problem:
             return f"its model's {name} {problem}"
-    if config["n_embd"] % config["n_head"]:
-        return f"its n_embd {config['n_embd']} is not divisible by its n_head {config['n_head']}"
-    if config.get("rotary") and config["n_embd"] // config["n_head"] % 2:
-        return "its rotary model has an odd head size"
-    return None
+    return heads_problem(config)
 
 
 def _weights_problem(weights, family, config: dict):

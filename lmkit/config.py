@@ -133,6 +133,15 @@ def size_problem(name: str, value):
     return None
 
 
+def heads_problem(values: dict):
+    """What is wrong with a model config's (checkpoint's or config.json's) heads, or None: the
+    width must split evenly into heads, and rotary positions need an even head size."""
+    if values["n_embd"] % values["n_head"]:
+        return f"its n_embd {values['n_embd']} is not divisible by its n_head {values['n_head']}"
+    if values.get("rotary") and values["n_embd"] // values["n_head"] % 2:
+        return "its rotary model has an odd head size"
+    return None
+
 # torchrun's own parser takes a script's "--run" for an abbreviation of its "--run-path";
 # "--run-name" gets through it.
 ALIASES = {"run": ("--run-name",)}
