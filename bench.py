@@ -192,7 +192,8 @@ def bench_bpe_training(path: Path, vocab_size: int) -> dict:
         code = (f"import json, sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r}); "
                 f"import bench; print(json.dumps(bench.train_bpe_with({library!r}, "
                 f"Path({str(path)!r}), {vocab_size})))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              encoding="utf-8", errors="replace")
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines()
                      if "Error" in line or "panicked" in line]
@@ -228,7 +229,8 @@ def run_nanogpt_cpu(checkout: Path, corpus: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py",
                            *NANOGPT_CPU_FLAGS, f"--out_dir={work / 'nanogpt_out'}"],
-                          cwd=copy, capture_output=True, text=True)
+                          cwd=copy, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
     seconds = time.perf_counter() - t0
     losses = re.findall(r"val loss ([0-9.]+)", done.stdout)
     if done.returncode != 0 or not losses:
@@ -242,7 +244,8 @@ def run_preset(model: str, preset: str, work: Path, extra: list) -> dict:
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / model / "train.py"), "--preset", preset,
                            "--out-dir", str(work), "--run", "vs-nanogpt", *extra],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise UserError(f"{model}/train.py failed: {done.stderr[-500:]}")

@@ -40,8 +40,8 @@ from tqdm import tqdm
 from lmkit.data import (BPE_FILE, DEFAULT_BPE_VOCAB, SPLIT_DTYPE, SPLITS, data_folder_name,
                         split_sha256_key)
 from lmkit.errors import UserError, run_main
-from lmkit.files import (FULL_DISK, TEMP_NAME_EXTRA, RunLock, _fsync_dir, _umask,
-                         atomic_write_bytes, check_path_fits, ensure_writable_dirs)
+from lmkit.files import (FULL_DISK, TEMP_NAME_EXTRA, RunLock, atomic_write_bytes, check_path_fits,
+                         current_umask, ensure_writable_dirs, fsync_dir)
 from lmkit.process import protect_console
 from lmkit.tokenizers import BYTE_TOKENS, MAX_TOKEN_ID, BPETokenizer, CharTokenizer, GPT2Tokenizer
 
@@ -326,7 +326,7 @@ class StagedFiles:
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=TEMP_PREFIX, suffix=".tmp")
         except OSError as e:
             raise self.failure(e, dest) from e
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
         file = os.fdopen(fd, "wb")
         self.staged.append((Path(tmp), file, dest))
         return file
@@ -360,7 +360,7 @@ class StagedFiles:
             except OSError as e:
                 raise self.failure(e, dest) from e
         for folder in {dest.parent for _, _, dest in self.staged}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         self.staged = []
 
     def failure(self, e: OSError, dest: Path) -> UserError:

@@ -274,7 +274,7 @@ def check_fits(needed: int, what: str, fix: str, device=None) -> None:
                         f"{gib(available)} available; {fix}")
 
 
-def check_fits_in_memory(model_cls, config, batch_size: int, grad_accum_steps: int,
+def check_training_fits(model_cls, config, batch_size: int, grad_accum_steps: int,
                          device: torch.device) -> None:
     """Refuse a run that cannot fit before it allocates. The model is built on the CPU before
     it moves to its device, so its weights (4 bytes a parameter) must fit the machine on any

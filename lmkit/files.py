@@ -100,7 +100,8 @@ def check_path_fits(path, fix: str, extra: int = 0, room: int = 0) -> None:
                         f"{fix}", exit_code=2)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside folder durable (best effort: some filesystems refuse)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -113,7 +114,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask, for giving temp files and folders the mode a plain create would."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -180,7 +182,7 @@ def atomic_write(path, write) -> None:
     except OSError as e:
         raise write_error(path, e, existed) from e
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -195,7 +197,7 @@ def atomic_write(path, write) -> None:
         if cause is not None:
             raise write_error(path, cause, existed) from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -228,8 +230,9 @@ def ensure_writable_dirs(*folders) -> None:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            raise UserError(f"cannot write to {folder} ({e.strerror or e}); "
-                            "fix its permissions or point the script at a writable folder") from e
+            fix = ("fix its permissions or point the script at a writable folder"
+                   if e.errno not in FULL_DISK else FULL_DISK[e.errno][1].format(folder=folder))
+            raise UserError(f"cannot write to {folder} ({e.strerror or e}); {fix}") from e
 
 
 def remove_stale_temp_files(folder) -> None:

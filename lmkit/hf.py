@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from lmkit.errors import UserError
-from lmkit.files import FULL_DISK, REPO_ROOT
+from lmkit.files import FULL_DISK, REPO_ROOT, current_umask
 from lmkit.tokenizers import ENDOFTEXT, GPT2_VOCAB_SIZE, BPETokenizer, gpt2_files
 
 # Config fields whose every value maps onto GPT-2; any other field must keep its default.
@@ -311,7 +311,7 @@ def write_folder(out: Path, files: dict, overwrite: bool, source: str) -> None:
             check_replaceable(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the usual folder mode
         for name, data in files.items():
             write_file(tmp / name, data)
         if out.is_dir():
@@ -363,8 +363,3 @@ def write_file(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -161,6 +161,8 @@ class Trainer:
             raise UserError(f"--init-from loads GPT-2 weights, for the gpt model only; the "
                             f"{self.family.kind} model starts from random weights", exit_code=2)
         if cfg.init_from and state is None:
+            if cfg.data_dir:  # refused before GPT-2's weights take their time to load
+                self._check_reads_gpt2_tokens(cfg.data_dir, load_meta(cfg.data_dir))
             values, self.pretrained = self.family.load_pretrained(
                 cfg.init_from, self.model_values["block_size"])
             self.model_values.update(values)  # its architecture and vocabulary win
@@ -176,6 +178,14 @@ class Trainer:
         if state is not None:  # the run's own tokenizer (an older run's default was gpt2)
             return data_folder_name(state["meta"]["tokenizer"], state["meta"]["vocab_size"])
         return self.family.default_data
+
+    @staticmethod
+    def _check_reads_gpt2_tokens(data_dir, meta: dict) -> None:
+        """--init-from: GPT-2's weights read GPT-2's tokens."""
+        if meta["tokenizer"] != "gpt2":
+            raise UserError(f"--init-from starts from GPT-2's weights, which read GPT-2 tokens, "
+                            f"but {data_dir} holds {tokenizer_name(meta)} tokens; use "
+                            "--data-dir data/gpt2, or leave --data-dir out")
 
     def _claim_run_folder(self) -> None:
         """Become the run's only writer (rank 0), then check its folders can take the outputs.
@@ -208,10 +218,8 @@ class Trainer:
             raise UserError(f"{self.data_dir} holds {tokenizer_name(self.meta)} tokens but the "
                             f"{family.kind} model reads {' or '.join(family.tokenizers)} tokens; "
                             f"fix --data-dir (data/{family.default_data} is the default)")
-        if self.cfg.init_from and self.meta["tokenizer"] != "gpt2":
-            raise UserError(f"--init-from starts from GPT-2's weights, which read GPT-2 tokens, "
-                            f"but {self.data_dir} holds {tokenizer_name(self.meta)} tokens; use "
-                            "--data-dir data/gpt2, or leave --data-dir out")
+        if self.cfg.init_from:
+            self._check_reads_gpt2_tokens(self.data_dir, self.meta)
         self.train_tokens = load_split(self.data_dir, "train", self.meta)
         self.val_tokens = load_split(self.data_dir, "val", self.meta)
         block_size = self.model_values["block_size"]
@@ -235,8 +243,8 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum_steps
         self.dtype = dev.compute_dtype(self.device, cfg.dtype, large_matmuls=
                                        config.n_embd >= 256 or config.vocab_size >= 8192)
-        dev.check_fits_in_memory(self.family.model_cls, config, cfg.batch_size,
-                                 cfg.grad_accum_steps, self.device)
+        dev.check_training_fits(self.family.model_cls, config, cfg.batch_size,
+                                cfg.grad_accum_steps, self.device)
         with dev.RandomStream(cfg.seed, torch.device("cpu")):  # the same weights on every rank
             self.model = self.family.model_cls(config)
         if self.pretrained is not None:

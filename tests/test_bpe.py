@@ -237,6 +237,17 @@ def test_init_from_gpt2_weights_on_bpe_tokens_is_refused(corpus, tmp_path):
     assert "--data-dir data/gpt2" in one_error_line(result.stderr)
 
 
+
+def test_init_from_on_bpe_tokens_is_refused_before_any_weight_is_read(corpus, tmp_path):
+    """The tokens are checked first: the folder --init-from names holds no weights at all, and
+    the sentence is still about the tokens."""
+    folder, _ = corpus
+    result = run_script("gpt/train.py", *tiny_flags(folder / "data" / f"bpe{VOCAB}", tmp_path),
+                        "--init-from", tmp_path / "no-weights-here")
+    assert result.returncode == 1
+    assert "--data-dir data/gpt2" in one_error_line(result.stderr)
+    assert not (tmp_path / "checkpoints").exists()
+
 # ---------------------------------------------------------------- Hugging Face export
 
 

@@ -172,6 +172,21 @@ def test_every_atomic_write_says_what_failed_and_what_to_do(tmp_path, code, exis
     assert no_temp_files(tmp_path)
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_folder_that_takes_no_file_at_the_start_says_why(tmp_path, monkeypatch, code):
+    """The start-up check of the output folders: a full disk asks for space, not permissions."""
+    def mkstemp(**kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(UserError) as refused:
+        files.ensure_writable_dirs(tmp_path / "checkpoints")
+    fix = ("free space on the disk that holds" if code == errno.ENOSPC
+           else "fix its permissions or point the script at a writable folder")
+    assert f"cannot write to {tmp_path / 'checkpoints'} ({os.strerror(code)}); {fix}" in str(
+        refused.value)
+
+
 def test_a_write_error_torch_save_wraps_is_still_told(tmp_path):
     """torch.save reports a failed write as RuntimeError("unexpected pos"), raised while handling
     the OSError: the sentence names the OSError."""
